@@ -1,0 +1,64 @@
+"""Fields shared by every method's config; each method file starts from `base_config()`."""
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "synthetic_reid"
+  c.dataset.train = "domain_a"          # builder config of the training set
+  c.dataset.test = "domain_b"           # builder config of the test set (query + gallery)
+  c.dataset.data_dir = "~/tensorflow_datasets"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.height = 64
+  c.data.width = 32
+  c.data.sampler = "gs"                 # "gs" | "pk"
+  c.data.batch_size = 32
+  c.data.num_instances = 4
+  c.data.num_threads = 2
+  c.data.augment = ml_collections.ConfigDict(dict(
+      pad=4, flip=True, rotate_deg=5.0, color_jitter=True, occlusion=True))
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "qaconv"
+  c.model.depth = 18
+  c.model.width = 16                    # channels of the ResNet stem (64 = standard ResNet)
+  c.model.ibn = "b"
+  c.model.final_layer = "layer3"
+  c.model.last_stride = 2
+  c.model.freeze_bn = False
+  c.model.neck = 64
+  c.model.input_norm = "none"
+  c.model.head = "v2.1"
+  c.model.pretrained = config_dict.placeholder(str)  # ImageNet .pth/.safetensors for the backbone
+
+  c.train = ml_collections.ConfigDict()
+  c.train.loss = "pairwise"             # "pairwise" | "triplet" | "memory"
+  c.train.epochs = 5
+  c.train.lr = 0.005
+  c.train.backbone_lr_mult = 0.1
+  c.train.lr_step_epochs = (4,)
+  c.train.lr_step_factor = 0.1
+  c.train.momentum = 0.9
+  c.train.nesterov = True
+  c.train.weight_decay = 5e-4
+  c.train.clip_norm = 8.0               # per group (backbone+neck, matcher); 0 = off
+  c.train.focal_gamma = 2.0
+  c.train.triplet_margin = 16.0
+  c.train.bf16 = False
+  c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 50
+  c.train.keep_checkpoints = 2
+  c.train.eval_every_epochs = 0         # 0 = only after the last epoch
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64
+  c.eval.tile_p = 64
+  c.eval.tile_g = 256
+  c.eval.max_rank = 50
+  c.eval.paper = ml_collections.ConfigDict()  # the paper's numbers for this setting, if any
+  return c

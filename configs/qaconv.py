@@ -1,0 +1,24 @@
+"""QAConv (ECCV 2020): class-memory training with the focal loss (METHODS.md, QAConv)."""
+from configs.common import base_config
+
+PAPER = {"market_duke": {"R1": 48.8, "mAP": 28.7}, "duke_market": {"R1": 58.6, "mAP": 27.2}}
+
+
+def get_config(setting: str = "synthetic"):
+  c = base_config()
+  c.train.loss = "memory"
+  c.data.sampler = "pk"
+  c.train.clip_norm = 0.0
+  if setting == "synthetic":
+    return c
+  if setting in ("market", "duke"):
+    c.dataset.name = "market1501" if setting == "market" else "dukemtmc_reid"
+    c.dataset.train, c.dataset.test = "default", "default"
+    c.data.height, c.data.width = 384, 128
+    c.data.batch_size, c.data.num_instances = 32, 4
+    c.data.augment.pad = 10
+    c.model.update(depth=50, width=64, ibn="b", freeze_bn=True, neck=128)
+    c.train.update(epochs=15, lr_step_epochs=(10,), bf16=True, checkpoint_every_steps=1000)
+    c.eval.paper = PAPER["market_duke" if setting == "market" else "duke_market"]
+    return c
+  raise ValueError(f"configs/qaconv.py has no setting {setting!r}; use synthetic, market or duke.")

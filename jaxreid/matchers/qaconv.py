@@ -1,0 +1,90 @@
+"""QAConv: query-adaptive convolution matching of two feature maps (METHODS.md, QAConv)."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class ScalarBatchNorm(nn.Module):
+  """BatchNorm1d(1) applied to every element: one mean/var over the whole input.
+
+  Running statistics use PyTorch's convention (momentum 0.1, unbiased variance).
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    scale = self.param("scale", nn.initializers.ones, (1,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (1,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((1,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((1,), jnp.float32))
+    x32 = x.astype(jnp.float32)
+    if train:
+      mean = jnp.mean(x32)
+      var = jnp.mean(jnp.square(x32 - mean))
+      if not self.is_initializing():
+        n = x.size
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * var * n / max(n - 1, 1)
+    else:
+      mean, var = ra_mean.value[0], ra_var.value[0]
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale[0] + bias[0]
+    return y.astype(x.dtype)
+
+
+def pooled_similarities(probe, gallery):
+  """Max-pooled location similarities of every probe × gallery pair.
+
+  probe [P, h, w, d], gallery [G, h, w, d] → (by_probe_location, by_gallery_location), each
+  [P, G, hw]: the first maximises over gallery locations, the second over probe locations.
+  """
+  p = probe.reshape(probe.shape[0], -1, probe.shape[-1])
+  g = gallery.reshape(gallery.shape[0], -1, gallery.shape[-1])
+  s = jnp.einsum("ptd,grd->pgtr", p, g, preferred_element_type=jnp.float32)
+  return s.max(axis=3), s.max(axis=2)
+
+
+def correspondences(probe, gallery):
+  """Argmax locations of both poolings (flattened y*w+x indices), for drawing matches.
+
+  Returns dict with `probe_to_gallery` [P, G, hw] (best gallery location for each probe
+  location), `gallery_to_probe` [P, G, hw], and the matching similarities.
+  """
+  p = probe.reshape(probe.shape[0], -1, probe.shape[-1])
+  g = gallery.reshape(gallery.shape[0], -1, gallery.shape[-1])
+  s = jnp.einsum("ptd,grd->pgtr", p, g, preferred_element_type=jnp.float32)
+  return {"probe_to_gallery": s.argmax(3), "probe_to_gallery_score": s.max(3),
+          "gallery_to_probe": s.argmax(2), "gallery_to_probe_score": s.max(2)}
+
+
+class QAConv(nn.Module):
+  """Pair logits [P, G] from L2-normalised feature maps.
+
+  head "v2.1" (default): scalar BN over all pooled values → shared Linear(hw→1) per direction →
+  sum of directions → scalar BN. head "v1": scalar BN → Linear(2hw→1) over the concatenation
+  [by probe location, by gallery location] → scalar BN.
+  """
+  height: int
+  width: int
+  head: str = "v2.1"
+
+  @nn.compact
+  def __call__(self, probe, gallery, train: bool = False):
+    if self.head not in ("v2.1", "v1"):
+      raise ValueError(f"model.head={self.head!r} is unknown; use 'v2.1' or 'v1'.")
+    hw = self.height * self.width
+    if probe.shape[1] * probe.shape[2] != hw or gallery.shape[1:] != probe.shape[1:]:
+      raise ValueError(f"QAConv was built for {self.height}×{self.width} feature maps; got probe "
+                       f"{probe.shape[1:3]} and gallery {gallery.shape[1:3]}.")
+    by_probe, by_gallery = pooled_similarities(probe, gallery)
+    pooled = jnp.stack([by_probe, by_gallery], axis=2)            # [P, G, 2, hw]
+    pooled = ScalarBatchNorm(name="bn")(pooled, train)
+    if self.head == "v2.1":
+      fc = nn.Dense(1, kernel_init=nn.initializers.constant(1.0 / hw), name="fc")
+      logits = fc(pooled)[..., 0].sum(-1)                           # [P, G]
+    else:
+      fc = nn.Dense(1, kernel_init=nn.initializers.constant(1.0 / (2 * hw)), name="fc")
+      logits = fc(pooled.reshape(pooled.shape[:2] + (2 * hw,)))[..., 0]
+    return ScalarBatchNorm(name="logit_bn")(logits, train)

@@ -1,0 +1,270 @@
+"""Training of pairwise matchers: train state, optimiser, the jitted step and the epoch loop."""
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxreid import losses, memory as class_memory, parallel
+from jaxreid.checkpoint import Checkpointer
+from jaxreid.data import datasets, pipeline
+from jaxreid import samplers
+from jaxreid.evaluate import evaluate_matcher, extract, match_fn, write_results
+from jaxreid.eval.scoring import score_matrix
+from jaxreid.models import build_model, feature_map_size, init_variables
+
+LOSSES = ("pairwise", "triplet", "memory")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  memory: Any          # class memory dict, or {} when the loss needs none
+  rng: jax.Array
+
+
+def _group_labels(params, groups: dict[str, tuple[str, ...]]):
+  """Labels each leaf by the group whose module-path prefix it falls under."""
+  def label(path, _):
+    names = tuple(getattr(k, "key", str(k)) for k in path)
+    for group, prefixes in groups.items():
+      if any(names[:len(p)] == p for p in prefixes):
+        return group
+    raise ValueError(f"parameter {'/'.join(names)} belongs to no optimiser group")
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+LR_GROUPS = {"backbone": (("encoder", "backbone"),), "new": (("encoder",), ("matcher",))}
+CLIP_GROUPS = {"features": (("encoder",),), "matcher": (("matcher",),)}
+
+
+def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Per-group gradient-norm clipping (features, matcher) → weight decay → SGD with nesterov
+  momentum and a step schedule; the backbone's lr is scaled by `backbone_lr_mult`."""
+  boundaries = {int(e * steps_per_epoch): train_cfg.lr_step_factor
+                for e in train_cfg.lr_step_epochs}
+  schedule = optax.piecewise_constant_schedule(train_cfg.lr, boundaries)
+
+  def sgd(mult):
+    return optax.sgd(lambda step: schedule(step) * mult, momentum=train_cfg.momentum,
+                     nesterov=train_cfg.nesterov)
+
+  clip = (optax.clip_by_global_norm(train_cfg.clip_norm) if train_cfg.clip_norm > 0
+          else optax.identity())
+  clip_labels = functools.partial(_group_labels, groups=CLIP_GROUPS)
+  lr_labels = functools.partial(_group_labels, groups=LR_GROUPS)
+  return optax.chain(
+      optax.multi_transform({"features": clip, "matcher": clip}, clip_labels),
+      optax.add_decayed_weights(train_cfg.weight_decay),
+      optax.multi_transform({"backbone": sgd(train_cfg.backbone_lr_mult), "new": sgd(1.0)},
+                            lr_labels))
+
+
+def create_train_state(config, model, tx, num_classes: int, rng) -> TrainState:
+  init_rng, state_rng = jax.random.split(rng)
+  variables = init_variables(model, init_rng, config.data.height, config.data.width)
+  params = variables["params"]
+  memory = {}
+  if config.train.loss == "memory":
+    h, w = feature_map_size(config.model, config.data.height, config.data.width)
+    memory = class_memory.init_class_memory(num_classes, (h, w, config.model.neck))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    memory=memory, rng=state_rng)
+
+
+def make_train_step(model, tx, train_cfg):
+  """(state, batch) → (state, metrics); batch = {"image" uint8 [B,H,W,3], "label" int32 [B]}."""
+  if train_cfg.loss not in LOSSES:
+    raise ValueError(f"train.loss={train_cfg.loss!r} is unknown; use one of {LOSSES}.")
+
+  def loss_fn(params, state, batch):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    maps, upd = model.apply(variables, batch["image"], train=True, method="encode",
+                            mutable=["batch_stats"])
+    variables = {"params": params, "batch_stats": upd["batch_stats"]}
+    labels = batch["label"]
+    if train_cfg.loss == "memory":
+      gallery = jax.lax.stop_gradient(state.memory["features"])
+      logits, upd = model.apply(variables, maps, gallery, train=True, method="match",
+                                mutable=["batch_stats"])
+      loss = losses.focal_memory_loss(logits, labels, state.memory["valid"],
+                                      train_cfg.focal_gamma)
+      acc = jnp.mean(jnp.argmax(jnp.where(state.memory["valid"], logits, -jnp.inf), 1) == labels)
+    else:
+      logits, upd = model.apply(variables, maps, maps, train=True, method="match",
+                                mutable=["batch_stats"])
+      if train_cfg.loss == "pairwise":
+        loss = losses.pairwise_bce_loss(logits, labels)
+      else:
+        loss = losses.triplet_score_loss(logits, labels, train_cfg.triplet_margin)
+      acc = losses.pair_accuracy(logits, labels)
+    return loss, (upd["batch_stats"], jax.lax.stop_gradient(maps), acc)
+
+  def train_step(state: TrainState, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (batch_stats, maps, acc)), grads = grad_fn(state.params, state, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    memory = state.memory
+    if train_cfg.loss == "memory":
+      memory = class_memory.overwrite(memory, maps, batch["label"])
+    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, memory=memory)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_sampler(config, train_split):
+  d = config.data
+  cls = {"gs": samplers.GraphSampler, "pk": samplers.PKSampler}.get(d.sampler)
+  if cls is None:
+    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs' or 'pk'.")
+  return cls(train_split.labels, batch_size=d.batch_size, num_instances=d.num_instances,
+             seed=config.seed)
+
+
+def steps_per_epoch(config, sampler) -> int:
+  if isinstance(sampler, samplers.GraphSampler):
+    return sampler.num_classes
+  return len(sampler.epoch_plan(0))
+
+
+def epoch_plan(config, sampler, model, state, train_split, mesh, epoch: int) -> np.ndarray:
+  """The batches of one epoch; the graph sampler first scores one image per class."""
+  if not isinstance(sampler, samplers.GraphSampler):
+    return sampler.epoch_plan(epoch)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  reps = sampler.representatives(epoch)
+  maps = extract(model, variables, train_split, config, mesh, indices=reps,
+                 desc=f"graph sampler, epoch {epoch + 1}")
+  scores = score_matrix(match_fn(model), variables, maps, maps, tile_p=config.eval.tile_p,
+                        tile_g=config.eval.tile_g, mesh=mesh)
+  return sampler.epoch_plan(epoch, -scores)
+
+
+def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
+  """Trains `config` in `workdir` (resuming from its last checkpoint) and evaluates the result.
+
+  `mesh` defaults to all devices. Returns the final results dict (also written to
+  `workdir/results.json`); {} when stopped early by `train.stop_at_step`.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  log = _file_logger(workdir)
+  (workdir / "config.json").write_text(config.to_json(indent=2))
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_divisible(config.data.batch_size, mesh, "data.batch_size")
+  ds = config.dataset
+  train_split = datasets.load_split(ds.name, "train", data_dir=ds.data_dir, config=ds.train)
+  model = build_model(config)
+  sampler = make_sampler(config, train_split)
+  n_steps = steps_per_epoch(config, sampler)
+  tx = make_optimizer(config.train, n_steps)
+  state = create_train_state(config, model, tx, train_split.num_classes,
+                             jax.random.key(config.seed))
+  state = parallel.replicate(state, mesh)
+  ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  start_epoch, start_batch, plan = 0, 0, None
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, data_state = restored
+    start_epoch, start_batch = int(data_state["epoch"]), int(data_state["batch"])
+    plan = data_state["plan"] if start_batch > 0 else None
+    log.info("resumed from step %d (epoch %d, batch %d)", int(state.step), start_epoch + 1,
+             start_batch)
+  train_step = parallel.jit_train_step(make_train_step(model, tx, config.train), mesh)
+  writer = _summary_writer(workdir)
+  stop_at = config.train.get("stop_at_step")
+  total = config.train.epochs * n_steps
+  results = {}
+  try:
+    for epoch in range(start_epoch, config.train.epochs):
+      if plan is None:
+        plan = epoch_plan(config, sampler, model, state, train_split, mesh, epoch)
+      local_plan = plan[:, parallel.process_slice(plan.shape[1])]
+      batches = pipeline.train_batches(
+          train_split, local_plan, epoch=epoch, start_batch=start_batch, seed=config.seed,
+          height=config.data.height, width=config.data.width,
+          augment=config.data.augment.to_dict() if config.data.augment else None,
+          num_threads=config.data.num_threads)
+      bar = tqdm(batches, total=len(plan) - start_batch, desc=f"epoch {epoch + 1}/"
+                 f"{config.train.epochs}", leave=False, dynamic_ncols=True)
+      t0 = time.time()
+      for b, batch in enumerate(bar, start=start_batch):
+        batch = parallel.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+        state, metrics = train_step(state, batch)
+        step = int(state.step)
+        if step % config.train.log_every_steps == 0 or b == len(plan) - 1:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.3f}")
+          for k, v in m.items():
+            writer.add_scalar(f"train/{k}", v, step)
+          writer.add_scalar("train/steps_per_s", (b + 1 - start_batch) / (time.time() - t0), step)
+          log.info("step %d/%d epoch %d: %s", step, total, epoch + 1,
+                   " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        if step % config.train.checkpoint_every_steps == 0:
+          ckpt.save(state, {"epoch": epoch, "batch": b + 1, "plan": plan}, config)
+        if stop_at is not None and step >= stop_at:
+          ckpt.save(state, {"epoch": epoch, "batch": b + 1, "plan": plan}, config, force=True)
+          log.info("stopped at step %d (train.stop_at_step); rerun to resume", step)
+          return {}
+      bar.close()
+      start_batch, plan = 0, None
+      ckpt.save(state, {"epoch": epoch + 1, "batch": 0, "plan": np.zeros((0,), np.int64)},
+                config, force=True)
+      every = config.train.eval_every_epochs
+      if epoch + 1 == config.train.epochs or (every and (epoch + 1) % every == 0):
+        results = evaluate_matcher(config, model, {"params": state.params,
+                                                   "batch_stats": state.batch_stats}, mesh)
+        for name, r in results["test"].items():
+          for k in ("mAP", "R1"):
+            writer.add_scalar(f"eval/{name}/{k}", r[k], int(state.step))
+        first = next(iter(results["test"].values()))
+        ckpt.save_best(state, config, first)
+        log.info("epoch %d eval: %s", epoch + 1, json.dumps(results["test"]))
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  results["step"] = int(state.step)
+  write_results(workdir, results)
+  return results
+
+
+def _file_logger(workdir: Path) -> logging.Logger:
+  log = logging.getLogger(f"jaxreid.{workdir.absolute()}")
+  if not log.handlers:
+    handler = logging.FileHandler(workdir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+  return log
+
+
+def _summary_writer(workdir: Path):
+  from tensorboardX import SummaryWriter
+  if jax.process_index() != 0:
+    return _NullWriter()
+  return SummaryWriter(str(workdir / "tensorboard"))
+
+
+class _NullWriter:
+  def add_scalar(self, *args, **kwargs):
+    pass
+
+  def close(self):
+    pass

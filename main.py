@@ -1,0 +1,71 @@
+"""jaxreid command line: train, evaluate or build datasets from an ml_collections config.
+
+  python main.py --config configs/qaconv_gs.py                  # train on synthetic_reid, evaluate
+  python main.py --config configs/qaconv_gs.py --mode=eval      # evaluate the workdir's best checkpoint
+  python main.py --config configs/qaconv_gs.py:market --config.dataset.data_dir=/data/tfds
+"""
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':setting'.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, TensorBoard and results "
+                    "(default: workdirs/<config name>).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "build"],
+                  "train (resumes and then evaluates), eval (restores parameters only), or "
+                  "build (prepares the configured datasets).")
+flags.DEFINE_string("checkpoint", None, "For --mode=eval: a workdir, checkpoint directory or "
+                    "official .pth/.safetensors file (default: --workdir).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_string("compilation_cache", "~/.cache/jaxreid/xla", "Persistent XLA cache "
+                    "directory ('' to disable).")
+
+
+def default_workdir(config_path: str) -> str:
+  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  setting = config_path.split(":")[1] if ":" in config_path else ""
+  return os.path.join("workdirs", name + (f"_{setting}" if setting else ""))
+
+
+def main(argv):
+  del argv
+  import jax
+  from jaxreid import parallel
+  if FLAGS.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
+  parallel.maybe_initialize_distributed(FLAGS.distributed)
+  config = FLAGS.config
+  workdir = FLAGS.workdir or default_workdir(FLAGS["config"].value_str if hasattr(
+      FLAGS["config"], "value_str") else sys.argv[0])
+  logging.info("devices: %s", jax.devices())
+  if FLAGS.mode == "build":
+    from jaxreid.data import datasets
+    for split_config in {config.dataset.train, *str(config.dataset.test).split(",")}:
+      datasets.load_split(config.dataset.name, "train", data_dir=config.dataset.data_dir,
+                          config=split_config.strip())
+    return
+  if FLAGS.mode == "train":
+    from jaxreid.train import train_and_evaluate
+    results = train_and_evaluate(config, workdir)
+  else:
+    from jaxreid.evaluate import evaluate_checkpoint
+    results = evaluate_checkpoint(config, FLAGS.checkpoint or workdir, workdir)
+  print(json.dumps(results.get("test", results), indent=2))
+
+
+def run():
+  flags.mark_flag_as_required("config")
+  try:
+    app.run(main)
+  except (ValueError, FileNotFoundError, KeyError) as e:  # one clear sentence, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()
