@@ -26,6 +26,22 @@ flags.DEFINE_string("compilation_cache", "~/.cache/jaxreid/xla", "Persistent XLA
                     "directory ('' to disable).")
 
 
+def parse_flags(argv):
+  """absl flag parsing with one clear sentence for a bad --config override."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # ml_collections raises AttributeError/KeyError/TypeError/ValueError
+    message = str(e).strip().splitlines()[-1]
+    key = message.strip("\"'")
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    bad = [a for a in overrides if key in a.split("=")[0].split(".")]
+    if bad and isinstance(e, (AttributeError, KeyError)):
+      message = f"{bad[0].split('=')[0]} names a field {key!r} that the config does not have"
+    print(f"error: {message.rstrip('.')}. Check the field names in the config file.",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def default_workdir(config_path: str) -> str:
   name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
   setting = config_path.split(":")[1] if ":" in config_path else ""
@@ -40,8 +56,7 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
   parallel.maybe_initialize_distributed(FLAGS.distributed)
   config = FLAGS.config
-  workdir = FLAGS.workdir or default_workdir(FLAGS["config"].value_str if hasattr(
-      FLAGS["config"], "value_str") else sys.argv[0])
+  workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
   logging.info("devices: %s", jax.devices())
   if FLAGS.mode == "build":
     from jaxreid.data import datasets
@@ -61,7 +76,7 @@ def main(argv):
 def run():
   flags.mark_flag_as_required("config")
   try:
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
   except (ValueError, FileNotFoundError, KeyError) as e:  # one clear sentence, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
