@@ -55,9 +55,10 @@ def main(argv):
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
   parallel.maybe_initialize_distributed(FLAGS.distributed)
+  logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax) off; progress via tqdm
   config = FLAGS.config
   workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
-  logging.info("devices: %s", jax.devices())
+  print(f"devices: {jax.devices()}; workdir: {workdir}", file=sys.stderr)
   if FLAGS.mode == "build":
     from jaxreid.data import datasets
     for split_config in {config.dataset.train, *str(config.dataset.test).split(",")}:

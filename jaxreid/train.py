@@ -74,14 +74,36 @@ def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformat
 def create_train_state(config, model, tx, num_classes: int, rng) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
   variables = init_variables(model, init_rng, config.data.height, config.data.width)
-  params = variables["params"]
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  if config.model.get("pretrained"):
+    from jaxreid.convert import load_pretrained_backbone
+    bb_params, bb_stats = load_pretrained_backbone(config.model.pretrained, config.model)
+    params = _replace_subtree(params, ("encoder", "backbone"), bb_params)
+    if bb_stats:
+      batch_stats = _replace_subtree(batch_stats, ("encoder", "backbone"), bb_stats)
   memory = {}
   if config.train.loss == "memory":
     h, w = feature_map_size(config.model, config.data.height, config.data.width)
     memory = class_memory.init_class_memory(num_classes, (h, w, config.model.neck))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    batch_stats=batch_stats, opt_state=tx.init(params),
                     memory=memory, rng=state_rng)
+
+
+def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
+  """A copy of `tree` with tree[path] replaced by `new` (shapes must agree)."""
+  old = tree
+  for key in path:
+    old = old[key]
+  if jax.tree.structure(old) != jax.tree.structure(new):
+    raise ValueError(f"model.pretrained does not fit {'/'.join(path)}: parameter names differ.")
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+    if a.shape != b.shape:
+      raise ValueError(f"model.pretrained does not fit {'/'.join(path)}: shape {b.shape} where "
+                       f"the model has {a.shape}.")
+  out = dict(tree)
+  out[path[0]] = _replace_subtree(tree[path[0]], path[1:], new) if len(path) > 1 else new
+  return out
 
 
 def make_train_step(model, tx, train_cfg):
@@ -120,7 +142,7 @@ def make_train_step(model, tx, train_cfg):
     memory = state.memory
     if train_cfg.loss == "memory":
       memory = class_memory.overwrite(memory, maps, batch["label"])
-    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, memory=memory)
     return new_state, metrics
@@ -224,7 +246,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
           return {}
       bar.close()
       start_batch, plan = 0, None
-      ckpt.save(state, {"epoch": epoch + 1, "batch": 0, "plan": np.zeros((0,), np.int64)},
+      ckpt.save(state, {"epoch": epoch + 1, "batch": 0, "plan": np.full((1, 1), -1)},
                 config, force=True)
       every = config.train.eval_every_epochs
       if epoch + 1 == config.train.epochs or (every and (epoch + 1) % every == 0):

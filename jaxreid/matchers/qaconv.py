@@ -64,7 +64,7 @@ class QAConv(nn.Module):
 
   head "v2.1" (default): scalar BN over all pooled values → shared Linear(hw→1) per direction →
   sum of directions → scalar BN. head "v1": scalar BN → Linear(2hw→1) over the concatenation
-  [by probe location, by gallery location] → scalar BN.
+  [by gallery location, by probe location] (the official order) → scalar BN.
   """
   height: int
   width: int
@@ -86,5 +86,5 @@ class QAConv(nn.Module):
       logits = fc(pooled)[..., 0].sum(-1)                           # [P, G]
     else:
       fc = nn.Dense(1, kernel_init=nn.initializers.constant(1.0 / (2 * hw)), name="fc")
-      logits = fc(pooled.reshape(pooled.shape[:2] + (2 * hw,)))[..., 0]
+      logits = fc(pooled[:, :, ::-1].reshape(pooled.shape[:2] + (2 * hw,)))[..., 0]
     return ScalarBatchNorm(name="logit_bn")(logits, train)

@@ -1,0 +1,168 @@
+"""QAConv query × gallery scoring: tiled jitted scorer vs chunked NumPy on the same inputs.
+
+Each implementation runs in its own child process (so peak RSS is its own); the parent checks
+that both gave the same scores. Prints one JSON line per implementation and a summary line.
+
+  python bench/bench_qaconv_scoring.py            # 24×8 maps, d=128, P=128, G=512
+  python bench/bench_qaconv_scoring.py --quick    # tiny, seconds
+"""
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--height", type=int, default=24)
+  parser.add_argument("--width", type=int, default=8)
+  parser.add_argument("--dim", type=int, default=128)
+  parser.add_argument("--probes", type=int, default=128)
+  parser.add_argument("--gallery", type=int, default=512)
+  parser.add_argument("--tile-p", type=int, default=64)
+  parser.add_argument("--tile-g", type=int, default=256)
+  parser.add_argument("--numpy-chunk", type=int, default=0,
+                      help="probes per NumPy chunk (0: keep the chunk's similarities <= 256 MB)")
+  parser.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quick", action="store_true", help="tiny sizes (4×2 maps, d=16, 16×32)")
+  parser.add_argument("--impl", choices=["jax", "numpy"], help=argparse.SUPPRESS)
+  parser.add_argument("--out", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.height, args.width, args.dim, args.probes, args.gallery = 4, 2, 16, 16, 32
+  return args
+
+
+def make_inputs(args):
+  """L2-normalised probe/gallery maps and QAConv v2.1 weights with non-default values."""
+  rng = np.random.default_rng(args.seed)
+
+  def maps(n):
+    x = rng.standard_normal((n, args.height, args.width, args.dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  hw = args.height * args.width
+  weights = {
+      "bn": dict(mean=0.3, var=0.02, scale=1.5, bias=0.1),
+      "logit_bn": dict(mean=2.0, var=4.0, scale=1.2, bias=-0.5),
+      "fc_kernel": (1.0 + 0.1 * rng.standard_normal(hw)).astype(np.float32) / hw,
+      "fc_bias": 0.05,
+  }
+  return maps(args.probes), maps(args.gallery), weights
+
+
+def numpy_scores(probe, gallery, weights, chunk):
+  """QAConv v2.1 in NumPy: matmul → max both ways → BN → fc → sum → BN, probe chunks."""
+  p_num, g_num = len(probe), len(gallery)
+  hw, d = probe.shape[1] * probe.shape[2], probe.shape[3]
+  g = gallery.reshape(g_num * hw, d)
+  bn, lbn = weights["bn"], weights["logit_bn"]
+  bn_a = bn["scale"] / np.sqrt(bn["var"] + 1e-5)
+  out = np.empty((p_num, g_num), np.float32)
+  for start in range(0, p_num, chunk):
+    p = probe[start:start + chunk]
+    sim = (p.reshape(-1, d) @ g.T).reshape(len(p), hw, g_num, hw)    # [p, t, G, r]
+    pooled = np.stack([sim.max(axis=3).transpose(0, 2, 1), sim.max(axis=1)], axis=2)
+    pooled = (pooled - bn["mean"]) * bn_a + bn["bias"]                # [p, G, 2, hw]
+    logits = (pooled @ weights["fc_kernel"] + weights["fc_bias"]).sum(-1)
+    out[start:start + chunk] = ((logits - lbn["mean"]) / np.sqrt(lbn["var"] + 1e-5)
+                                * lbn["scale"] + lbn["bias"])
+  return out
+
+
+def jax_scorer(args, weights):
+  """(match_fn, variables) for score_matrix, variables laid out as QAConv.init makes them."""
+  import jax
+  import jax.numpy as jnp
+  sys.path.insert(0, str(REPO))
+  from jaxreid.matchers.qaconv import QAConv
+
+  module = QAConv(args.height, args.width)
+  f32 = lambda v: jnp.full((1,), v, jnp.float32)
+  variables = {
+      "params": {"bn": {"scale": f32(weights["bn"]["scale"]), "bias": f32(weights["bn"]["bias"])},
+                 "fc": {"kernel": jnp.asarray(weights["fc_kernel"])[:, None],
+                        "bias": f32(weights["fc_bias"])},
+                 "logit_bn": {"scale": f32(weights["logit_bn"]["scale"]),
+                              "bias": f32(weights["logit_bn"]["bias"])}},
+      "batch_stats": {k: {"mean": f32(weights[k]["mean"]), "var": f32(weights[k]["var"])}
+                      for k in ("bn", "logit_bn")},
+  }
+  dummy = jnp.zeros((1, args.height, args.width, args.dim))
+  init = jax.eval_shape(module.init, jax.random.key(0), dummy, dummy)
+  if jax.tree.map(lambda x: x.shape, init) != jax.tree.map(lambda x: x.shape, variables):
+    raise RuntimeError("QAConv's variables changed layout; update bench_qaconv_scoring.py.")
+  return (lambda v, p, g: module.apply(v, p, g)), variables
+
+
+def run_child(args):
+  probe, gallery, weights = make_inputs(args)
+  if args.impl == "numpy":
+    hw = args.height * args.width
+    chunk = args.numpy_chunk or max(1, (256 << 20) // (4 * args.gallery * hw * hw))
+    run = lambda: numpy_scores(probe, gallery, weights, chunk)
+    extra = {"chunk": chunk}
+  else:
+    import jax
+    sys.path.insert(0, str(REPO))
+    from jaxreid.eval import score_matrix
+    match, variables = jax_scorer(args, weights)
+    run = lambda: score_matrix(match, variables, probe, gallery, tile_p=args.tile_p,
+                               tile_g=args.tile_g)
+    extra = {"tile_p": args.tile_p, "tile_g": args.tile_g, "devices": jax.device_count(),
+             "backend": jax.default_backend()}
+  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  t0 = time.perf_counter()
+  scores = run()
+  first = time.perf_counter() - t0
+  walls = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    scores = run()
+    walls.append(time.perf_counter() - t0)
+  wall = min(walls) if walls else first
+  np.save(args.out, scores)
+  pairs = args.probes * args.gallery
+  print(json.dumps({
+      "impl": {"jax": "jax_tiled_jit", "numpy": "numpy_chunked"}[args.impl],
+      "pairs": pairs, "maps": [args.height, args.width, args.dim],
+      "P": args.probes, "G": args.gallery, "wall_s": round(wall, 4),
+      "first_call_s": round(first, 4), "pairs_per_s": round(pairs / wall, 1),
+      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "rss_before_run_mb": round(rss_before, 1), **extra}), flush=True)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.impl:
+    return run_child(args)
+  results, outputs = {}, {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for impl in ("jax", "numpy"):
+      out = os.path.join(tmp, f"{impl}.npy")
+      cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+             "--impl", impl, "--out", out]
+      line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+      line = line.strip().splitlines()[-1]
+      print(line, flush=True)
+      results[impl], outputs[impl] = json.loads(line), np.load(out)
+  diff = np.abs(outputs["jax"] - outputs["numpy"])
+  print(json.dumps({
+      "summary": "qaconv_scoring", "speedup_jax_over_numpy":
+          round(results["jax"]["pairs_per_s"] / results["numpy"]["pairs_per_s"], 2),
+      "max_abs_diff": float(diff.max()),
+      "max_rel_diff": float((diff / np.maximum(np.abs(outputs["numpy"]), 1.0)).max())}))
+
+
+if __name__ == "__main__":
+  main()

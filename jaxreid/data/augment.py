@@ -1,0 +1,76 @@
+"""Per-image transforms on uint8 HxWx3 arrays (QAConv's training augmentation, eval resize).
+
+All randomness comes from the `rng` argument, so a transform is a pure function of
+(image, rng state).
+"""
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+
+def _resize(img: Image.Image, height: int, width: int) -> Image.Image:
+  if img.size == (width, height):
+    return img
+  return img.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
+  """Rotates the hue by `shift` turns (as torchvision: on Pillow's 8-bit HSV hue channel)."""
+  h, s, v = img.convert("HSV").split()
+  hue = (np.asarray(h, np.int16) + int(round(shift * 255))) % 256
+  return Image.merge("HSV", (Image.fromarray(hue.astype(np.uint8), "L"), s, v)).convert("RGB")
+
+
+def jitter_colors(img: Image.Image, rng: np.random.Generator, *, low: float = 0.5,
+                 high: float = 2.0, hue: float = 0.1) -> Image.Image:
+  """Brightness, contrast and saturation factors uniform in [low, high] and a hue shift uniform
+  in [-hue, hue], applied in a random order (torchvision's ColorJitter)."""
+  for op in rng.permutation(4):
+    if op == 0:
+      img = ImageEnhance.Brightness(img).enhance(rng.uniform(low, high))
+    elif op == 1:
+      img = ImageEnhance.Contrast(img).enhance(rng.uniform(low, high))
+    elif op == 2:
+      img = ImageEnhance.Color(img).enhance(rng.uniform(low, high))
+    else:
+      img = _adjust_hue(img, rng.uniform(-hue, hue))
+  return img
+
+
+def occlude(image: np.ndarray, rng: np.random.Generator, max_fraction: float = 0.8) -> np.ndarray:
+  """A white square, side uniform in [1, max_fraction * width], at a uniform position."""
+  height, width = image.shape[:2]
+  side = int(rng.integers(1, max(1, min(int(max_fraction * width), height)) + 1))
+  y = int(rng.integers(0, height - side + 1))
+  x = int(rng.integers(0, width - side + 1))
+  image = image.copy()
+  image[y:y + side, x:x + side] = 255
+  return image
+
+
+def train_transform(image: np.ndarray, rng: np.random.Generator, *, height: int, width: int,
+                    pad: int = 10, flip: bool = True, rotate_deg: float = 5.0,
+                    color_jitter: bool = True, occlusion: bool = True) -> np.ndarray:
+  """QAConv's training augmentation: bicubic resize, zero-pad + random crop, horizontal flip
+  (p=0.5), rotation uniform in ±rotate_deg (nearest, zero fill), colour jitter, occlusion."""
+  img = _resize(Image.fromarray(image), height, width)
+  if pad > 0:
+    img = ImageOps.expand(img, border=pad, fill=0)
+    top, left = (int(v) for v in rng.integers(0, 2 * pad + 1, 2))
+    img = img.crop((left, top, left + width, top + height))
+  if flip and rng.random() < 0.5:
+    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  if rotate_deg > 0:
+    img = img.rotate(rng.uniform(-rotate_deg, rotate_deg), Image.Resampling.NEAREST, fillcolor=0)
+  if color_jitter:
+    img = jitter_colors(img, rng)
+  out = np.asarray(img, np.uint8)
+  if occlusion:
+    out = occlude(out, rng)
+  return out
+
+
+def eval_transform(image: np.ndarray, *, height: int, width: int) -> np.ndarray:
+  """Bicubic resize to (height, width); the input itself when it already has that size."""
+  if image.shape[:2] == (height, width):
+    return image
+  return np.asarray(_resize(Image.fromarray(image), height, width), np.uint8)

@@ -1,0 +1,91 @@
+"""PK and graph sampler plans: batch composition, neighbours, determinism, argument checks."""
+import numpy as np
+import pytest
+
+from jaxreid.samplers import GraphSampler, PKSampler
+
+
+def _labels(num_classes=13, seed=0):
+  """Classes with 1-7 images each (some below K), shuffled over the dataset."""
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(num_classes), rng.integers(1, 8, num_classes))
+  return rng.permutation(labels)
+
+
+def _assert_k_per_class(batch, labels, k):
+  classes, counts = np.unique(labels[batch], return_counts=True)
+  assert (counts == k).all(), counts
+  for j in range(0, len(batch), k):  # each class fills K consecutive slots
+    assert len(set(labels[batch[j:j + k]].tolist())) == 1
+  return classes
+
+
+def test_pk_plan():
+  labels = _labels()
+  sampler = PKSampler(labels, batch_size=12, num_instances=4, seed=3)
+  plan = sampler.epoch_plan(0)
+  assert sampler.num_classes == 13
+  assert plan.dtype == np.int64 and plan.shape == (13 // 3, 12) == (sampler.num_batches, 12)
+  seen = []
+  for batch in plan:
+    seen += _assert_k_per_class(batch, labels, 4).tolist()
+    assert len(set(labels[batch].tolist())) == 3
+  assert len(seen) == len(set(seen))  # each class at most once per epoch
+  counts = np.bincount(labels)
+  for batch in plan:  # without replacement when a class has at least K images
+    for c in set(labels[batch].tolist()):
+      if counts[c] >= 4:
+        assert len(set(batch[labels[batch] == c].tolist())) == 4
+  np.testing.assert_array_equal(plan, PKSampler(labels, batch_size=12, num_instances=4,
+                                                seed=3).epoch_plan(0))
+  assert not np.array_equal(plan, sampler.epoch_plan(1))
+  assert not np.array_equal(plan, PKSampler(labels, batch_size=12, num_instances=4,
+                                            seed=4).epoch_plan(0))
+
+
+def test_graph_sampler_plan():
+  labels = _labels(num_classes=11, seed=1)
+  c, batch_size, k = 11, 16, 4
+  sampler = GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=0)
+  reps = sampler.representatives(0)
+  assert reps.shape == (c,) and (labels[reps] == np.arange(c)).all()
+  np.testing.assert_array_equal(reps, sampler.representatives(0))
+  assert any(not np.array_equal(reps, sampler.representatives(e)) for e in range(1, 4))
+  distance = np.random.default_rng(7).random((c, c))
+  plan = sampler.epoch_plan(0, distance)
+  assert plan.shape == (c, batch_size) and plan.dtype == np.int64 and sampler.num_batches == c
+  leaders = labels[plan[:, 0]]
+  assert sorted(leaders.tolist()) == list(range(c))  # every class leads exactly one batch
+  masked = distance + np.diag(np.full(c, np.inf))
+  for batch, leader in zip(plan, leaders):
+    _assert_k_per_class(batch, labels, k)
+    members = labels[batch[::k]]
+    assert members[0] == leader
+    expected = np.argsort(masked[leader])[:batch_size // k - 1]
+    np.testing.assert_array_equal(members[1:], expected)
+  np.testing.assert_array_equal(plan, GraphSampler(labels, batch_size=batch_size, num_instances=k,
+                                                   seed=0).epoch_plan(0, distance))
+  assert not np.array_equal(plan, sampler.epoch_plan(1, distance))
+
+
+def test_graph_sampler_cycles_through_each_class():
+  labels = np.repeat(np.arange(4), 6)  # 6 images per class, each class used by every batch
+  sampler = GraphSampler(labels, batch_size=16, num_instances=4, seed=0)
+  plan = sampler.epoch_plan(0, np.zeros((4, 4)))
+  for c in range(4):
+    used = plan[labels[plan] == c]
+    counts = np.bincount(used, minlength=len(labels))[labels == c]
+    assert counts.min() >= 2 and counts.max() <= 3  # 16 draws over 6 images, round robin
+
+
+def test_bad_arguments():
+  labels = _labels()
+  for cls in (PKSampler, GraphSampler):
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+      cls(labels, batch_size=10, num_instances=4, seed=0)
+    with pytest.raises(ValueError, match="only 13"):
+      cls(labels, batch_size=4 * 14, num_instances=4, seed=0)
+    with pytest.raises(ValueError, match="0..C-1"):
+      cls(labels + 1, batch_size=8, num_instances=4, seed=0)
+  with pytest.raises(ValueError, match="class_distance"):
+    GraphSampler(labels, batch_size=8, num_instances=4, seed=0).epoch_plan(0, np.zeros((3, 3)))

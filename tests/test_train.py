@@ -1,0 +1,90 @@
+"""Training by training: a tiny QAConv on synthetic_reid learns, resumes exactly, and runs the
+same on 8 forced CPU devices as on one."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import qaconv, qaconv_gs
+from jaxreid.checkpoint import restore_for_eval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(config, data_dir, **train):
+  config.dataset.data_dir = data_dir
+  config.model.update(depth=18, width=8, neck=32)
+  config.data.update(batch_size=16, num_instances=4, num_threads=1)
+  config.eval.update(batch_size=64, tile_p=64, tile_g=256)
+  config.train.update(log_every_steps=5, checkpoint_every_steps=4, **train)
+  return config
+
+
+def test_tiny_qaconv_gs_learns_cross_domain(synthetic_data_dir, tmp_path):
+  """Trained on domain_a, tested on domain_b: mAP at least twice the untrained model's."""
+  from jaxreid import parallel
+  from jaxreid.evaluate import evaluate_matcher
+  from jaxreid.models import build_model, init_variables
+  config = tiny(qaconv_gs.get_config(), synthetic_data_dir, epochs=3, lr_step_epochs=(2,))
+  model = build_model(config)
+  untrained = evaluate_matcher(config, model, init_variables(model, jax.random.key(config.seed),
+                                                             64, 32), parallel.make_mesh())
+  trained = __import__("jaxreid.train", fromlist=["x"]).train_and_evaluate(config, tmp_path)
+  (u,), (t,) = untrained["test"].values(), trained["test"].values()
+  print(json.dumps({"untrained": u, "trained": t}))
+  assert t["mAP"] >= 2 * u["mAP"], (u, t)
+  assert (tmp_path / "results.json").exists() and (tmp_path / "train.log").exists()
+  assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_after_interruption_equals_uninterrupted(synthetic_data_dir, tmp_path):
+  from jaxreid.train import train_and_evaluate
+  config = tiny(qaconv.get_config(), synthetic_data_dir, epochs=2, lr_step_epochs=(1,))
+  config.train.eval_every_epochs = 0
+  full = train_and_evaluate(config, tmp_path / "full")
+  interrupted = config.copy_and_resolve_references()
+  interrupted.train.stop_at_step = 3          # mid-epoch 1, after a checkpoint at step ... none
+  assert train_and_evaluate(interrupted, tmp_path / "split") == {}
+  resumed = train_and_evaluate(config, tmp_path / "split")
+  assert resumed["step"] == full["step"]
+  _, a = restore_for_eval(str(tmp_path / "full" / "checkpoints"))
+  _, b = restore_for_eval(str(tmp_path / "split" / "checkpoints"))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert resumed["test"] == {k: {**v, "seconds": resumed["test"][k]["seconds"]}
+                             for k, v in full["test"].items()}
+
+
+def test_eight_devices_equal_one_device(synthetic_data_dir, tmp_path):
+  """The whole first step (graph-sampler scoring, sharded batch, matcher BN statistics over the
+  global pair matrix, gradients, optimiser) agrees to float rounding. Later steps are not
+  compared tightly: a 1e-7 difference can flip an argmax of QAConv's max-pooling and then the
+  runs drift apart like any two non-bitwise-identical trainings."""
+  script = textwrap.dedent(f"""
+      import jax, numpy as np, sys
+      sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
+      from test_train import tiny
+      from configs import qaconv_gs
+      from jaxreid import parallel
+      from jaxreid.train import train_and_evaluate
+      from jaxreid.checkpoint import restore_for_eval
+      assert jax.device_count() == 8
+      config = tiny(qaconv_gs.get_config(), {synthetic_data_dir!r}, epochs=1)
+      config.train.stop_at_step = 1
+      for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+        train_and_evaluate(config, {str(tmp_path)!r} + "/" + name, mesh=parallel.make_mesh(devices))
+      _, a = restore_for_eval({str(tmp_path)!r} + "/one/checkpoints")
+      _, b = restore_for_eval({str(tmp_path)!r} + "/eight/checkpoints")
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6), a, b)
+      print("EQUAL")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+  assert out.returncode == 0 and "EQUAL" in out.stdout, out.stderr[-3000:]

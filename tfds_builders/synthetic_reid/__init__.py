@@ -1,0 +1,1 @@
+"""synthetic_reid: procedurally drawn people, the embedded default dataset."""
