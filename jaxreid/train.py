@@ -274,6 +274,7 @@ def _file_logger(workdir: Path) -> logging.Logger:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False
   return log
 
 

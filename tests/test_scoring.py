@@ -57,7 +57,8 @@ def qaconv_numpy(variables, probe, gallery, head):
     logits = (scalar_bn(best_for_probe_loc, "bn") @ kernel + bias
               + scalar_bn(best_for_gallery_loc, "bn") @ kernel + bias)
   else:
-    both = np.concatenate([best_for_probe_loc, best_for_gallery_loc], axis=-1)
+    # Official v1 (QAConv 1.2) order: the gallery-location-indexed half first.
+    both = np.concatenate([best_for_gallery_loc, best_for_probe_loc], axis=-1)
     logits = scalar_bn(both, "bn") @ kernel + bias
   return scalar_bn(logits, "logit_bn")
 
@@ -76,7 +77,7 @@ def test_flax_qaconv_matches_numpy(head):
   variables = perturbed_variables(module, 2)
   got = np.asarray(module.apply(variables, probe, gallery))
   want = qaconv_numpy(variables, probe, gallery, head)
-  assert np.abs(want).max() > 1.0  # the perturbation is not a no-op
+  assert np.abs(want).max() > 0.5  # the perturbation is not a no-op
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

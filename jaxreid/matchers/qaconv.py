@@ -85,6 +85,9 @@ class QAConv(nn.Module):
       fc = nn.Dense(1, kernel_init=nn.initializers.constant(1.0 / hw), name="fc")
       logits = fc(pooled)[..., 0].sum(-1)                           # [P, G]
     else:
-      fc = nn.Dense(1, kernel_init=nn.initializers.constant(1.0 / (2 * hw)), name="fc")
+      bound = (2 * hw) ** -0.5  # PyTorch's default Linear init, as the official v1
+      uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+          key, shape, dtype, -bound, bound)
+      fc = nn.Dense(1, kernel_init=uniform, bias_init=uniform, name="fc")
       logits = fc(pooled[:, :, ::-1].reshape(pooled.shape[:2] + (2 * hw,)))[..., 0]
     return ScalarBatchNorm(name="logit_bn")(logits, train)

@@ -1,0 +1,50 @@
+"""Full-size QAConv (ResNet-50-IBN-b, 384×128) by shapes only: no compile, no real weights."""
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from configs import qaconv_gs
+from jaxreid.convert import qaconv_from_official
+from jaxreid.models import build_model, init_variables
+
+KEYS = Path(__file__).parent / "data" / "official_qaconv_resnet50_ibn_b_keys.txt"
+
+
+def official_shapes() -> dict[str, dict[str, tuple]]:
+  """The official parameter shapes, section → key → shape (from ../shared/reference)."""
+  sections, current = {}, None
+  for line in KEYS.read_text().splitlines():
+    if line.startswith("## "):
+      current = sections.setdefault(line[3:].split("(")[0].strip(), {})
+    elif line.strip():
+      key, shape = line.split(" ", 1)
+      current[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+  return sections
+
+
+def test_paper_config_matches_the_official_parameter_layout():
+  config = qaconv_gs.get_config("msmt17_all")
+  model = build_model(config)
+  abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), 384, 128))
+  maps = jax.eval_shape(lambda v, x: model.apply(v, x, method="encode"), abstract,
+                        jax.ShapeDtypeStruct((2, 384, 128, 3), np.uint8))
+  assert maps.shape == (2, 24, 8, 128)
+
+  shapes = official_shapes()
+  rng = np.random.default_rng(0)
+  fake = lambda shape: rng.standard_normal(shape).astype(np.float32) if shape else np.int64(0)
+  ckpt = {"model": {f"base.{k}": fake(s) for k, s in shapes["resnet50_ibn_b"].items()
+                    if not k.startswith("fc.")},
+          "criterion": {f"matcher.{k}": fake(s) for k, s in shapes["QAConv"].items()},
+          "epoch": 0}
+  ckpt["model"]["neck_conv.weight"] = fake((128, 1024, 3, 3))
+  ckpt["model"]["neck_conv.bias"] = fake((128,))
+  overrides, variables = qaconv_from_official(ckpt)
+  assert overrides["model"]["depth"] == 50 and overrides["model"]["ibn"] == "b"
+  assert overrides["model"]["head"] == "v2.1"
+  # Every layer of our full-size model receives an official tensor of the right shape, and
+  # nothing is left over (layer4 and the ImageNet fc are beyond final_layer=layer3).
+  ours = jax.tree.map(lambda x: x.shape, abstract)
+  theirs = jax.tree.map(lambda x: np.shape(x), variables)
+  assert ours == theirs
