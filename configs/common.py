@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "qaconv"
   c.model.depth = 18
-  c.model.width = 16                    # channels of the ResNet stem (64 = standard ResNet)
+  c.model.width = 32                    # channels of the ResNet stem (64 = standard ResNet)
   c.model.ibn = "b"
   c.model.final_layer = "layer3"
   c.model.last_stride = 2
@@ -40,10 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss = "pairwise"             # "pairwise" | "triplet" | "memory"
   # The synthetic default trains from scratch (no ImageNet weights offline), so the backbone
   # learns at the full, larger lr; the paper settings use lr 0.005 with the backbone at ×0.1.
-  c.train.epochs = 10
+  c.train.epochs = 12
   c.train.lr = 0.05
   c.train.backbone_lr_mult = 1.0
-  c.train.lr_step_epochs = (8,)
+  c.train.lr_step_epochs = (10,)
   c.train.lr_step_factor = 0.1
   c.train.momentum = 0.9
   c.train.nesterov = True
