@@ -16,7 +16,7 @@ def get_config(setting: str = "synthetic"):
     c.dataset.train, c.dataset.test = "default", "default"
     c.data.height, c.data.width = 384, 128
     c.data.batch_size, c.data.num_instances = 32, 4
-    c.data.augment.pad = 10
+    c.data.augment.update(pad=10, color_jitter=True)
     c.model.update(depth=50, width=64, ibn="b", freeze_bn=True, neck=128)
     c.train.update(epochs=15, lr=0.005, backbone_lr_mult=0.1, lr_step_epochs=(10,), bf16=True, checkpoint_every_steps=1000)
     c.eval.paper = PAPER["market_duke" if setting == "market" else "duke_market"]

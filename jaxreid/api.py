@@ -206,6 +206,15 @@ class ReidModel:
                         tile_p=tile_p or ev.get("tile_p", 64),
                         tile_g=tile_g or ev.get("tile_g", 256), progress=progress)
 
+  def correspondences(self, probe_maps, gallery_maps) -> dict:
+    """QAConv's argmax matches for drawing (`jaxreid.matchers.qaconv.correspondences`): for
+    every pair, each probe location's best gallery location and vice versa (flat y*w+x), with
+    their similarities; arrays [P, G, h*w]. Meant for a few pairs at a time."""
+    from jaxreid.matchers.qaconv import correspondences
+    out = correspondences(self._check_maps(probe_maps, "probe_maps"),
+                          self._check_maps(gallery_maps, "gallery_maps"))
+    return {k: np.asarray(v) for k, v in out.items()}
+
   def score(self, probe_images, gallery_images, **kwargs) -> np.ndarray:
     """`match(encode(probe_images), encode(gallery_images))`."""
     return self.match(self.encode(probe_images), self.encode(gallery_images), **kwargs)

@@ -159,3 +159,16 @@ def test_eight_devices_equal_one():
   diffs = json.loads(out.stdout.strip().splitlines()[-1])
   assert diffs["shape"] == [37, 53]
   assert diffs["sharded"] <= 1e-5 and diffs["small_tile"] <= 1e-5, diffs
+
+
+def test_correspondences_are_the_pooling_argmaxes():
+  from jaxreid.matchers.qaconv import correspondences
+  rng = np.random.default_rng(3)
+  probe, gallery = unit_maps(rng, 3), unit_maps(rng, 4)
+  out = correspondences(probe, gallery)
+  for p in range(3):
+    for g in range(4):
+      sim = probe[p].reshape(-1, D) @ gallery[g].reshape(-1, D).T   # [probe loc, gallery loc]
+      np.testing.assert_array_equal(out["probe_to_gallery"][p, g], sim.argmax(1))
+      np.testing.assert_array_equal(out["gallery_to_probe"][p, g], sim.argmax(0))
+      np.testing.assert_allclose(out["probe_to_gallery_score"][p, g], sim.max(1), atol=1e-5)

@@ -17,10 +17,11 @@ from jaxreid.checkpoint import restore_for_eval
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny(config, data_dir, **train):
+def tiny(config, data_dir, width=8, batch_size=16, **train):
   config.dataset.data_dir = data_dir
-  config.model.update(depth=18, width=8, neck=32)
-  config.data.update(batch_size=16, num_instances=4, num_threads=1)
+  config.model.update(depth=18, width=width, neck=32)
+  config.data.update(batch_size=batch_size, num_instances=4, num_threads=1)
+  config.data.augment.color_jitter = False   # colour is most of the identity cue here
   config.eval.update(batch_size=64, tile_p=64, tile_g=256)
   config.train.update(log_every_steps=5, checkpoint_every_steps=4, **train)
   return config
@@ -31,7 +32,8 @@ def test_tiny_qaconv_gs_learns_cross_domain(synthetic_data_dir, tmp_path):
   from jaxreid import parallel
   from jaxreid.evaluate import evaluate_matcher
   from jaxreid.models import build_model, init_variables
-  config = tiny(qaconv_gs.get_config(), synthetic_data_dir, epochs=3, lr_step_epochs=(2,))
+  config = tiny(qaconv_gs.get_config(), synthetic_data_dir, width=16, batch_size=32, epochs=3,
+                lr_step_epochs=(2,))
   model = build_model(config)
   untrained = evaluate_matcher(config, model, init_variables(model, jax.random.key(config.seed),
                                                              64, 32), parallel.make_mesh())
