@@ -61,9 +61,9 @@ def main(argv):
   print(f"devices: {jax.devices()}; workdir: {workdir}", file=sys.stderr)
   if FLAGS.mode == "build":
     from jaxreid.data import datasets
-    for split_config in {config.dataset.train, *str(config.dataset.test).split(",")}:
-      datasets.load_split(config.dataset.name, "train", data_dir=config.dataset.data_dir,
-                          config=split_config.strip())
+    specs = f"{config.dataset.train},{config.dataset.test}"
+    for name, builder_config in dict.fromkeys(datasets.parse_specs(specs)):
+      datasets.prepare(name, data_dir=config.dataset.data_dir, config=builder_config)
     return
   if FLAGS.mode == "train":
     from jaxreid.train import train_and_evaluate

@@ -8,9 +8,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "synthetic_reid"
-  c.dataset.train = "domain_a"          # builder config of the training set
-  c.dataset.test = "domain_b"           # builder config of the test set (query + gallery)
+  # "name" or "name/builder_config"; test is a comma-separated list, each reported separately.
+  c.dataset.train = "synthetic_reid/domain_a"
+  c.dataset.test = "synthetic_reid/domain_b"
   c.dataset.data_dir = "~/tensorflow_datasets"
 
   c.data = ml_collections.ConfigDict()

@@ -12,8 +12,8 @@ def get_config(setting: str = "synthetic"):
   if setting == "synthetic":
     return c
   if setting in ("market", "duke"):
-    c.dataset.name = "market1501" if setting == "market" else "dukemtmc_reid"
-    c.dataset.train, c.dataset.test = "default", "default"
+    source, target = ("market1501", "dukemtmc_reid")[::1 if setting == "market" else -1]
+    c.dataset.train, c.dataset.test = source, target
     c.data.height, c.data.width = 384, 128
     c.data.batch_size, c.data.num_instances = 32, 4
     c.data.augment.update(pad=10, color_jitter=True)

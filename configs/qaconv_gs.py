@@ -34,7 +34,6 @@ def get_config(setting: str = "synthetic"):
   if setting == "market":
     return paper_settings(c, "market1501", "msmt17", "market_msmt")
   if setting == "msmt17_all":
-    c.dataset.name = "msmt17"
-    return paper_settings(c, "all", "market1501", "msmt17_all")
+    return paper_settings(c, "msmt17/all", "market1501", "msmt17_all")
   raise ValueError(f"configs/qaconv_gs.py has no setting {setting!r}; use synthetic, market or "
                    "msmt17_all.")

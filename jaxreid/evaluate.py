@@ -56,22 +56,23 @@ def ranking_summary(metrics: dict) -> dict:
 
 
 def evaluate_matcher(config, model, variables, mesh) -> dict:
-  """Results of every test set in `config.dataset.test` (a name or a comma-separated list)."""
-  ds = config.dataset
+  """Results of every test set in `config.dataset.test`, each reported separately."""
+  data_dir = config.dataset.data_dir
   results = {"test": {}, "paper": dict(config.eval.get("paper", {}))}
-  for test_config in [t.strip() for t in str(ds.test).split(",") if t.strip()]:
+  for name, test_config in datasets.parse_specs(config.dataset.test):
     t0 = time.time()
-    query = datasets.load_split(ds.name, "query", data_dir=ds.data_dir, config=test_config)
-    gallery = datasets.load_split(ds.name, "gallery", data_dir=ds.data_dir, config=test_config)
-    q = extract(model, variables, query, config, mesh, desc=f"{test_config}: query")
-    g = extract(model, variables, gallery, config, mesh, desc=f"{test_config}: gallery")
+    query = datasets.load_split(name, "query", data_dir=data_dir, config=test_config)
+    gallery = datasets.load_split(name, "gallery", data_dir=data_dir, config=test_config)
+    title = name if test_config is None else f"{name}/{test_config}"
+    q = extract(model, variables, query, config, mesh, desc=f"{title}: query")
+    g = extract(model, variables, gallery, config, mesh, desc=f"{title}: gallery")
     scores = score_matrix(match_fn(model), variables, q, g, tile_p=config.eval.tile_p,
                           tile_g=config.eval.tile_g, mesh=mesh, progress=True)
     metrics = evaluate_ranking(scores, query.pids, gallery.pids, query.cams, gallery.cams,
                                max_rank=config.eval.max_rank)
     summary = ranking_summary(metrics)
     summary["seconds"] = round(time.time() - t0, 2)
-    results["test"][f"{ds.name}/{test_config}"] = summary
+    results["test"][title] = summary
   return results
 
 

@@ -90,3 +90,30 @@ def test_eight_devices_equal_one_device(synthetic_data_dir, tmp_path):
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        cwd=ROOT, timeout=600)
   assert out.returncode == 0 and "EQUAL" in out.stdout, out.stderr[-3000:]
+
+
+def test_bf16_compute_trains_with_float32_parameters():
+  """train.bf16: activations in bfloat16, parameters and optimiser state stay float32, and
+  repeated steps on one batch lower the loss."""
+  import jax.numpy as jnp
+  from jaxreid.train import create_train_state, make_optimizer, make_train_step
+  from jaxreid.models import build_model
+  config = qaconv_gs.get_config()
+  config.model.update(depth=18, width=8, neck=16)
+  config.train.bf16 = True
+  model = build_model(config)
+  tx = make_optimizer(config.train, steps_per_epoch=10)
+  state = create_train_state(config, model, tx, num_classes=4, rng=jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 64, 32, 3)), jnp.uint8),
+           "label": jnp.asarray(np.repeat(np.arange(4), 2), jnp.int32)}
+  maps = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
+                     method="encode")
+  assert maps.dtype == jnp.float32  # normalised in float32 after bf16 convolutions
+  step = jax.jit(make_train_step(model, tx, config.train))
+  losses = []
+  for _ in range(6):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}

@@ -92,13 +92,23 @@ def relabel(pids: np.ndarray) -> tuple[np.ndarray, int]:
   return labels.astype(np.int32).reshape(-1), len(classes)
 
 
-def load_split(name: str, split: str, *, data_dir: str,
-               config: "str | tfds.core.BuilderConfig | None" = None,
-               build_if_missing: bool = True) -> ReidSplit:
-  """Opens `split` ("train", "query", "gallery") of a prepared dataset; junk ids (-1) are dropped.
+def parse_specs(specs: str) -> list[tuple[str, str | None]]:
+  """"a/x, b" → [("a", "x"), ("b", None)]: dataset names with optional builder configs."""
+  out = []
+  for spec in str(specs).split(","):
+    if spec.strip():
+      name, _, config = spec.strip().partition("/")
+      out.append((name, config or None))
+  if not out:
+    raise ValueError(f"No dataset named in {specs!r}; use 'name' or 'name/config', "
+                     "comma-separated.")
+  return out
 
-  `synthetic_reid` is built (array_record) when missing; `config` may then also be a
-  `SyntheticReidConfig` with custom sizes. Other datasets must have been built beforehand.
+
+def prepare(name: str, *, data_dir: str, config=None, build_if_missing: bool = True):
+  """The dataset's builder, prepared (array_record) under `data_dir`.
+
+  Only `synthetic_reid` is built here when missing; other datasets must have been built.
   """
   data_dir = os.path.expanduser(os.fspath(data_dir))
   builder = _builder(name, config, data_dir)
@@ -108,6 +118,18 @@ def load_split(name: str, split: str, *, data_dir: str,
     logging.getLogger(__name__).info(
         "Building %s/%s into %s (once; takes seconds).", name, builder.builder_config.name, data_dir)
     builder.download_and_prepare(file_format="array_record")
+  return builder
+
+
+def load_split(name: str, split: str, *, data_dir: str,
+               config: "str | tfds.core.BuilderConfig | None" = None,
+               build_if_missing: bool = True) -> ReidSplit:
+  """Opens `split` ("train", "query", "gallery") of a prepared dataset; junk ids (-1) are dropped.
+
+  `synthetic_reid` is built (array_record) when missing; `config` may then also be a
+  `SyntheticReidConfig` with custom sizes. Other datasets must have been built beforehand.
+  """
+  builder = prepare(name, config=config, data_dir=data_dir, build_if_missing=build_if_missing)
   if split not in builder.info.splits:
     raise ValueError(f"Dataset {builder.info.full_name} has no split {split!r}; it has "
                      f"{sorted(builder.info.splits)}.")
