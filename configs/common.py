@@ -12,6 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train = "synthetic_reid/domain_a"
   c.dataset.test = "synthetic_reid/domain_b"
   c.dataset.data_dir = "~/tensorflow_datasets"
+  c.dataset.manual_dir = config_dict.placeholder(str)   # downloaded archives, for --mode=build
 
   c.data = ml_collections.ConfigDict()
   c.data.height = 64
@@ -64,5 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.tile_p = 64
   c.eval.tile_g = 256
   c.eval.max_rank = 50
+  c.eval.rerank = False                 # k-reciprocal re-ranking (Zhong et al. 2017)
+  c.eval.tlift = False                  # temporal lifting (QAConv paper, Sec. 4)
   c.eval.paper = ml_collections.ConfigDict()  # the paper's numbers for this setting, if any
   return c

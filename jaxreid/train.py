@@ -190,12 +190,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
   (workdir / "config.json").write_text(config.to_json(indent=2))
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(config.data.batch_size, mesh, "data.batch_size")
-  (name, train_config), *more = datasets.parse_specs(config.dataset.train)
-  if more:
-    raise ValueError("dataset.train names several datasets; multi-source training is not "
-                     "supported yet — train on one.")
-  train_split = datasets.load_split(name, "train", data_dir=config.dataset.data_dir,
-                                    config=train_config)
+  train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir)
   model = build_model(config)
   sampler = make_sampler(config, train_split)
   n_steps = steps_per_epoch(config, sampler)

@@ -121,6 +121,15 @@ def prepare(name: str, *, data_dir: str, config=None, build_if_missing: bool = T
   return builder
 
 
+def load_train(specs: str, *, data_dir: str) -> ReidSplit:
+  """The training split of `specs` ("name[/config]", comma-separated for several sources)."""
+  (name, config), *more = parse_specs(specs)
+  if more:
+    raise ValueError(f"dataset.train={specs!r} names several datasets; multi-source training "
+                     "is not supported yet — train on one.")
+  return load_split(name, "train", data_dir=data_dir, config=config)
+
+
 def load_split(name: str, split: str, *, data_dir: str,
                config: "str | tfds.core.BuilderConfig | None" = None,
                build_if_missing: bool = True) -> ReidSplit:
