@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.height = 64
   c.data.width = 32
-  c.data.sampler = "gs"                 # "gs" | "pk"
+  c.data.sampler = "gs"                 # "gs" | "pk" | "random"
   c.data.batch_size = 32
   c.data.num_instances = 4
   c.data.num_threads = 2

@@ -30,6 +30,26 @@ def _check_batch(batch_size: int, num_instances: int, num_classes: int) -> int:
   return per_batch
 
 
+class RandomSampler:
+  """Every image once per epoch in a random order (the official QAConv sampler); the last
+  incomplete batch is dropped."""
+
+  def __init__(self, labels: np.ndarray, *, batch_size: int, seed: int, **unused):
+    self.num_images, self.batch_size, self.seed = len(labels), batch_size, seed
+    if not 0 < batch_size <= self.num_images:
+      raise ValueError(f"batch_size ({batch_size}) must be between 1 and the number of training "
+                       f"images ({self.num_images}).")
+
+  @property
+  def num_batches(self) -> int:
+    return self.num_images // self.batch_size
+
+  def epoch_plan(self, epoch: int) -> np.ndarray:
+    """int64 [num_batches, batch_size]."""
+    order = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+    return order[:self.num_batches * self.batch_size].reshape(self.num_batches, self.batch_size)
+
+
 class PKSampler:
   """P classes x K images per batch; every class once per epoch, in a random order."""
 

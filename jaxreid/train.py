@@ -152,9 +152,10 @@ def make_train_step(model, tx, train_cfg):
 
 def make_sampler(config, train_split):
   d = config.data
-  cls = {"gs": samplers.GraphSampler, "pk": samplers.PKSampler}.get(d.sampler)
+  cls = {"gs": samplers.GraphSampler, "pk": samplers.PKSampler,
+         "random": samplers.RandomSampler}.get(d.sampler)
   if cls is None:
-    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs' or 'pk'.")
+    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs', 'pk' or 'random'.")
   return cls(train_split.labels, batch_size=d.batch_size, num_instances=d.num_instances,
              seed=config.seed)
 
@@ -162,7 +163,7 @@ def make_sampler(config, train_split):
 def steps_per_epoch(config, sampler) -> int:
   if isinstance(sampler, samplers.GraphSampler):
     return sampler.num_classes
-  return len(sampler.epoch_plan(0))
+  return sampler.num_batches
 
 
 def epoch_plan(config, sampler, model, state, train_split, mesh, epoch: int) -> np.ndarray:

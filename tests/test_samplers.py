@@ -89,3 +89,16 @@ def test_bad_arguments():
       cls(labels + 1, batch_size=8, num_instances=4, seed=0)
   with pytest.raises(ValueError, match="class_distance"):
     GraphSampler(labels, batch_size=8, num_instances=4, seed=0).epoch_plan(0, np.zeros((3, 3)))
+
+
+def test_random_sampler_visits_every_image_once_per_epoch():
+  from jaxreid.samplers import RandomSampler
+  labels = np.repeat(np.arange(10), 5)
+  sampler = RandomSampler(labels, batch_size=8, seed=3)
+  plan = sampler.epoch_plan(0)
+  assert plan.shape == (6, 8) and sampler.num_batches == 6
+  assert len(np.unique(plan)) == 48                     # no repeats; 2 images dropped
+  np.testing.assert_array_equal(plan, RandomSampler(labels, batch_size=8, seed=3).epoch_plan(0))
+  assert not np.array_equal(plan, sampler.epoch_plan(1))
+  with pytest.raises(ValueError, match="batch_size"):
+    RandomSampler(labels, batch_size=51, seed=0)

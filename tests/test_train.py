@@ -45,6 +45,23 @@ def test_tiny_qaconv_gs_learns_cross_domain(synthetic_data_dir, tmp_path):
   assert any((tmp_path / "tensorboard").iterdir())
 
 
+def test_tiny_qaconv_class_memory_learns_cross_domain(synthetic_data_dir, tmp_path):
+  """Class-memory training with the focal loss (configs/qaconv.py), same ≥2× criterion."""
+  from jaxreid import parallel
+  from jaxreid.evaluate import evaluate_matcher
+  from jaxreid.models import build_model, init_variables
+  from jaxreid.train import train_and_evaluate
+  config = tiny(qaconv.get_config(), synthetic_data_dir, width=16, batch_size=32, epochs=8,
+                lr_step_epochs=(6,))
+  model = build_model(config)
+  untrained = evaluate_matcher(config, model, init_variables(model, jax.random.key(config.seed),
+                                                             64, 32), parallel.make_mesh())
+  trained = train_and_evaluate(config, tmp_path)
+  (u,), (t,) = untrained["test"].values(), trained["test"].values()
+  print(json.dumps({"untrained": u, "trained": t}))
+  assert t["mAP"] >= 2 * u["mAP"], (u, t)
+
+
 def test_resume_after_interruption_equals_uninterrupted(synthetic_data_dir, tmp_path):
   from jaxreid.train import train_and_evaluate
   config = tiny(qaconv.get_config(), synthetic_data_dir, epochs=2, lr_step_epochs=(1,))
