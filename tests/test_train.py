@@ -27,39 +27,35 @@ def tiny(config, data_dir, width=8, batch_size=16, **train):
   return config
 
 
-def test_tiny_qaconv_gs_learns_cross_domain(synthetic_data_dir, tmp_path):
-  """Trained on domain_a, tested on domain_b: mAP at least twice the untrained model's."""
+def assert_learns_cross_domain(config, tmp_path) -> dict:
+  """Trains on domain_a, tests on domain_b: mAP at least twice the untrained model's."""
   from jaxreid import parallel
   from jaxreid.evaluate import evaluate_matcher
   from jaxreid.models import build_model, init_variables
-  config = tiny(qaconv_gs.get_config(), synthetic_data_dir, width=16, batch_size=32, epochs=3,
-                lr_step_epochs=(2,))
+  from jaxreid.train import train_and_evaluate
   model = build_model(config)
-  untrained = evaluate_matcher(config, model, init_variables(model, jax.random.key(config.seed),
-                                                             64, 32), parallel.make_mesh())
-  trained = __import__("jaxreid.train", fromlist=["x"]).train_and_evaluate(config, tmp_path)
+  variables = init_variables(model, jax.random.key(config.seed), 64, 32)
+  untrained = evaluate_matcher(config, model, variables, parallel.make_mesh())
+  trained = train_and_evaluate(config, tmp_path)
   (u,), (t,) = untrained["test"].values(), trained["test"].values()
   print(json.dumps({"untrained": u, "trained": t}))
   assert t["mAP"] >= 2 * u["mAP"], (u, t)
+  return trained
+
+
+def test_tiny_qaconv_gs_learns_cross_domain(synthetic_data_dir, tmp_path):
+  config = tiny(qaconv_gs.get_config(), synthetic_data_dir, width=16, batch_size=32, epochs=3,
+                lr_step_epochs=(2,))
+  assert_learns_cross_domain(config, tmp_path)
   assert (tmp_path / "results.json").exists() and (tmp_path / "train.log").exists()
   assert any((tmp_path / "tensorboard").iterdir())
 
 
 def test_tiny_qaconv_class_memory_learns_cross_domain(synthetic_data_dir, tmp_path):
-  """Class-memory training with the focal loss (configs/qaconv.py), same ≥2× criterion."""
-  from jaxreid import parallel
-  from jaxreid.evaluate import evaluate_matcher
-  from jaxreid.models import build_model, init_variables
-  from jaxreid.train import train_and_evaluate
+  """Class-memory training with the focal loss (configs/qaconv.py)."""
   config = tiny(qaconv.get_config(), synthetic_data_dir, width=16, batch_size=32, epochs=8,
                 lr_step_epochs=(6,))
-  model = build_model(config)
-  untrained = evaluate_matcher(config, model, init_variables(model, jax.random.key(config.seed),
-                                                             64, 32), parallel.make_mesh())
-  trained = train_and_evaluate(config, tmp_path)
-  (u,), (t,) = untrained["test"].values(), trained["test"].values()
-  print(json.dumps({"untrained": u, "trained": t}))
-  assert t["mAP"] >= 2 * u["mAP"], (u, t)
+  assert_learns_cross_domain(config, tmp_path)
 
 
 def test_resume_after_interruption_equals_uninterrupted(synthetic_data_dir, tmp_path):
