@@ -48,6 +48,19 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("workdirs", name + (f"_{setting}" if setting else ""))
 
 
+def build_datasets(config) -> None:
+  """--mode=build: prepares every dataset of dataset.train and dataset.test (array_record under
+  dataset.data_dir), real ones from dataset.manual_dir; prints each split's size."""
+  from jaxreid.data import datasets
+  specs = f"{config.dataset.train},{config.dataset.test}"
+  for name, builder_config in dict.fromkeys(datasets.parse_specs(specs)):
+    builder = datasets.prepare(name, data_dir=config.dataset.data_dir, config=builder_config,
+                               manual_dir=config.dataset.manual_dir,
+                               skip_bad_images=config.dataset.skip_bad_images)
+    sizes = ", ".join(f"{split} {info.num_examples}" for split, info in builder.info.splits.items())
+    print(f"{builder.info.full_name}: {sizes} images in {builder.data_path}")
+
+
 def main(argv):
   del argv
   import jax
@@ -60,10 +73,7 @@ def main(argv):
   workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
   print(f"devices: {jax.devices()}; workdir: {workdir}", file=sys.stderr)
   if FLAGS.mode == "build":
-    from jaxreid.data import datasets
-    specs = f"{config.dataset.train},{config.dataset.test}"
-    for name, builder_config in dict.fromkeys(datasets.parse_specs(specs)):
-      datasets.prepare(name, data_dir=config.dataset.data_dir, config=builder_config)
+    build_datasets(config)
     return
   if FLAGS.mode == "train":
     from jaxreid.train import train_and_evaluate

@@ -12,7 +12,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train = "synthetic_reid/domain_a"
   c.dataset.test = "synthetic_reid/domain_b"
   c.dataset.data_dir = "~/tensorflow_datasets"
-  c.dataset.manual_dir = config_dict.placeholder(str)   # downloaded archives, for --mode=build
+  c.dataset.manual_dir = config_dict.placeholder(str)   # downloaded archives (built when missing)
+  c.dataset.skip_bad_images = False     # when building: skip (and report) unreadable images
 
   c.data = ml_collections.ConfigDict()
   c.data.height = 64
@@ -67,5 +68,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_rank = 50
   c.eval.rerank = False                 # k-reciprocal re-ranking (Zhong et al. 2017)
   c.eval.tlift = False                  # temporal lifting (QAConv paper, Sec. 4)
+  # Matcher score → re-ranking distance: "sigmoid" = 1 - sigmoid(s/10), "neg" = -s.
+  c.eval.distance = "sigmoid"
+  c.eval.rerank_k1 = 20
+  c.eval.rerank_k2 = 6
+  c.eval.rerank_lambda = 0.3
+  c.eval.tlift_tau = 100.0              # seconds
+  c.eval.tlift_sigma = 200.0            # seconds
+  c.eval.tlift_k = 10
+  c.eval.tlift_alpha = 0.2
+  c.eval.retrieval_top_k = 100          # gallery entries per query in workdir/retrieval.npz; 0 = off
   c.eval.paper = ml_collections.ConfigDict()  # the paper's numbers for this setting, if any
   return c

@@ -116,11 +116,18 @@ def _steps(directory: Path) -> list[int]:
 
 
 def restore_for_eval(path: str):
-  """(config, variables) of a run's checkpoint, as host NumPy arrays; no optimiser state."""
+  """(config, variables) of a run's checkpoint, as host NumPy arrays; no optimiser state.
+
+  Works whatever devices saved it (a pod slice's checkpoint restores on a laptop).
+  """
   directory, step = find_checkpoint(path)
-  manager = ocp.CheckpointManager(directory)
+  manager = ocp.CheckpointManager(directory, item_handlers={
+      "variables": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                        manager.item_metadata(step)["variables"])
   out = manager.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+      variables=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
   manager.close()
   config = ml_collections.ConfigDict(_tuples(out.config))
   return config, jax.tree.map(np.asarray, out.variables)

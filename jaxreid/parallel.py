@@ -30,7 +30,7 @@ def batch_sharded(mesh) -> NamedSharding:
 
 
 def replicate(tree, mesh):
-  return jax.device_put(tree, replicated(mesh))
+  return jax.tree.map(lambda x: put_global(x, replicated(mesh)), tree)
 
 
 def check_divisible(batch_size: int, mesh, field: str) -> None:
@@ -56,6 +56,23 @@ def shard_batch(batch: dict, mesh) -> dict:
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def put_global(x, sharding):
+  """A host value that every process holds identically → a global array with `sharding`."""
+  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+    return x
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(put_global(jax.random.key_data(x), sharding))
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicated_to_host(x) -> np.ndarray:
+  """A replicated global array → NumPy, reading only this process's copy."""
+  return np.asarray(x.addressable_data(0))
 
 
 def jit_train_step(train_step, mesh):

@@ -191,7 +191,8 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
   (workdir / "config.json").write_text(config.to_json(indent=2))
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(config.data.batch_size, mesh, "data.batch_size")
-  train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir)
+  train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir,
+                                    manual_dir=config.dataset.manual_dir)
   model = build_model(config)
   sampler = make_sampler(config, train_split)
   n_steps = steps_per_epoch(config, sampler)
@@ -217,9 +218,8 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
     for epoch in range(start_epoch, config.train.epochs):
       if plan is None:
         plan = epoch_plan(config, sampler, model, state, train_split, mesh, epoch)
-      local_plan = plan[:, parallel.process_slice(plan.shape[1])]
       batches = pipeline.train_batches(
-          train_split, local_plan, epoch=epoch, start_batch=start_batch, seed=config.seed,
+          train_split, plan, slots=parallel.process_slice(plan.shape[1]), epoch=epoch, start_batch=start_batch, seed=config.seed,
           height=config.data.height, width=config.data.width,
           augment=config.data.augment.to_dict() if config.data.augment else None,
           num_threads=config.data.num_threads)

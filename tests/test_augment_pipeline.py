@@ -92,6 +92,13 @@ def test_train_batches_deterministic_and_resumable():
   assert not np.array_equal(other["image"], full[0]["image"])
   # Slot 0 of batch 2 and slot 0 of batch 0 show image 0 with different augmentations.
   assert not np.array_equal(full[2]["image"][2], full[0]["image"][0])
+  # Two processes loading halves of every batch see exactly the single-process images.
+  halves = [list(train_batches(split, plan, slots=s, **kwargs))
+            for s in (slice(0, 2), slice(2, 4))]
+  for b, batch in enumerate(full):
+    for key in ("image", "label", "index"):
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][b][key], halves[1][b][key]]), batch[key])
 
 
 def test_train_batches_without_augmentation_are_resized_images():

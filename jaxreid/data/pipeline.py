@@ -28,23 +28,26 @@ def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
 
 def train_batches(split: ReidSplit, plan: np.ndarray, *, epoch: int, start_batch: int = 0,
                   seed: int, height: int, width: int, augment: dict | None,
-                  num_threads: int = 2, prefetch: int = 2) -> Iterator[dict]:
-  """Batches `start_batch`..nb-1 of `plan` [nb, B] as {"image" uint8 [B, h, w, 3],
-  "label" int32 [B], "index" int32 [B]}.
+                  slots: slice = slice(None), num_threads: int = 2,
+                  prefetch: int = 2) -> Iterator[dict]:
+  """Batches `start_batch`..nb-1 of `plan` [nb, B] as {"image" uint8 [b, h, w, 3],
+  "label" int32 [b], "index" int32 [b]}, each holding the `slots` of its batch (a process's
+  share under multi-host; default all B).
 
   The augmentation of slot s of batch b draws from rng([seed, epoch, b, s]) only, so a run resumed
-  at any batch sees the same images. `augment` holds `train_transform`'s keyword arguments;
-  None means resize only. `prefetch` counts batches.
+  at any batch, or split over any number of processes, sees the same images. `augment` holds
+  `train_transform`'s keyword arguments; None means resize only. `prefetch` counts batches.
   """
   plan = np.asarray(plan)
   if plan.ndim != 2:
     raise ValueError(f"plan must be [num_batches, batch_size], got shape {plan.shape}.")
-  num_batches, batch_size = plan.shape
-  flat = plan.reshape(-1)
+  slot_ids = np.arange(plan.shape[1])[slots]
+  num_batches, batch_size = plan.shape[0], len(slot_ids)
 
   def example(position: int) -> dict:
-    b, slot = divmod(position, batch_size)
-    index = int(flat[position])
+    b, local = divmod(position, batch_size)
+    slot = int(slot_ids[local])
+    index = int(plan[b, slot])
     image = load_image(split, index)
     if augment is None:
       image = eval_transform(image, height=height, width=width)

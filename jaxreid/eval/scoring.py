@@ -17,6 +17,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxreid.parallel import put_global as _put, replicated_to_host
+
 MatchFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
@@ -83,7 +85,7 @@ def _score_tile(match_fn, rows, everywhere, variables, probe, gallery):
 
 
 def _collect(scores, p0, g0, tile, bar):
-  tile = np.asarray(tile.addressable_data(0))
+  tile = replicated_to_host(tile)
   p1, g1 = min(p0 + tile.shape[0], scores.shape[0]), min(g0 + tile.shape[1], scores.shape[1])
   scores[p0:p1, g0:g1] = tile[:p1 - p0, :g1 - g0]
   bar.update((p1 - p0) * (g1 - g0))
@@ -105,15 +107,6 @@ def _tile(x, start, size):
   if len(t) < size:
     t = np.concatenate([t, np.repeat(t[-1:], size - len(t), axis=0)])
   return t
-
-
-def _put(x, sharding):
-  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
-    return x
-  if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
-  x = np.asarray(x)  # every process holds the same host value
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def _round_up(x, m):

@@ -1,0 +1,1 @@
+"""cuhk03_np: TFDS builder of the manual download (see its MANUAL_DOWNLOAD_INSTRUCTIONS)."""

@@ -1,0 +1,1 @@
+"""market1501: TFDS builder of the manual download (see its MANUAL_DOWNLOAD_INSTRUCTIONS)."""

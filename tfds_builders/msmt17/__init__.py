@@ -1,0 +1,1 @@
+"""msmt17: TFDS builder of the manual download (see its MANUAL_DOWNLOAD_INSTRUCTIONS)."""

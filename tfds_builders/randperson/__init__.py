@@ -1,0 +1,1 @@
+"""randperson: TFDS builder of the manual download (see its MANUAL_DOWNLOAD_INSTRUCTIONS)."""
