@@ -1,7 +1,10 @@
 """QAConv (ECCV 2020): class-memory training with the focal loss (METHODS.md, QAConv)."""
 from configs.common import base_config
 
-PAPER = {"market_duke": {"R1": 48.8, "mAP": 28.7}, "duke_market": {"R1": 58.6, "mAP": 27.2}}
+PAPER = {  # R1 / mAP (%) of QAConv-50 (ECCV 2020) per (training set, test set), METHODS.md
+    "market1501": {"dukemtmc_reid": {"R1": 48.8, "mAP": 28.7}},
+    "dukemtmc_reid": {"market1501": {"R1": 58.6, "mAP": 27.2}},
+}
 
 
 def get_config(setting: str = "synthetic"):
@@ -22,6 +25,6 @@ def get_config(setting: str = "synthetic"):
     c.model.update(depth=50, width=64, ibn="b", freeze_bn=True, neck=128)
     c.train.update(epochs=15, lr=0.005, backbone_lr_mult=0.1, lr_step_epochs=(10,), clip_norm=0.0,
                    bf16=True, checkpoint_every_steps=1000)
-    c.eval.paper = PAPER["market_duke" if setting == "market" else "duke_market"]
+    c.eval.paper = PAPER[source]
     return c
   raise ValueError(f"configs/qaconv.py has no setting {setting!r}; use synthetic, market or duke.")

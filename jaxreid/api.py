@@ -18,7 +18,8 @@ from jaxreid import convert
 from jaxreid.eval.scoring import score_matrix
 from jaxreid.models import build_model, feature_map_size, init_variables
 
-CONVERTERS = {"qaconv": convert.qaconv_from_official}  # model.name → official converter
+CONVERTERS = {"qaconv": convert.qaconv_from_official,  # model.name → official converter
+              "transmatcher": convert.transmatcher_from_official}
 
 
 def configs_dir() -> Path:
@@ -156,7 +157,8 @@ class ReidModel:
 
   def __repr__(self):
     m = self.config.model
-    return (f"ReidModel({m.name}, ResNet-{m.depth} ibn={m.ibn}, {m.final_layer}, head={m.head}, "
+    head = f", head={m.head}" if m.name == "qaconv" else ""
+    return (f"ReidModel({m.name}, ResNet-{m.depth} ibn={m.ibn}, {m.final_layer}{head}, "
             f"input {self.input_size[0]}×{self.input_size[1]}, maps {self.map_size})")
 
   def _check_images(self, images) -> np.ndarray:
@@ -191,9 +193,11 @@ class ReidModel:
 
   def _check_maps(self, maps, name: str) -> np.ndarray:
     maps = np.asarray(maps)
-    if maps.ndim != 4 or maps.shape[1:3] != tuple(self.map_size):
-      raise ValueError(f"{name} must be feature maps [N, {self.map_size[0]}, "
-                       f"{self.map_size[1]}, d] from encode(); got shape {maps.shape}.")
+    ndim = 5 if self.config.model.name == "transmatcher" else 4  # [B, N layers, h, w, d]
+    if maps.ndim != ndim or maps.shape[-3:-1] != tuple(self.map_size):
+      raise ValueError(f"{name} must be feature maps [N, {'L, ' * (ndim == 5)}"
+                       f"{self.map_size[0]}, {self.map_size[1]}, d] from encode(); got shape "
+                       f"{maps.shape}.")
     return maps
 
   def match(self, probe_maps, gallery_maps, *, tile_p: int | None = None,

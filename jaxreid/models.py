@@ -1,9 +1,11 @@
 """Method registry: builds the Flax model of a config.
 
-A pairwise matcher model has two entry points, `encode(images) → maps [B, h, w, d]` and
-`match(probe_maps, gallery_maps) → logits [P, G]`; its variables are
-`{"encoder": {"backbone", "neck_conv"}, "matcher": …}` in both `params` and `batch_stats`.
+A pairwise matcher model has two entry points, `encode(images) → maps [B, h, w, d]` (TransMatcher:
+one map per decoder layer, [B, N, h, w, d]) and `match(probe_maps, gallery_maps) → logits [P, G]`;
+its variables are `{"encoder": {"backbone", "neck_conv", …}, "matcher": …}` in both `params` and
+`batch_stats`.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -12,13 +14,14 @@ import jax.numpy as jnp
 
 from jaxreid.backbones.resnet import ResNet
 from jaxreid.matchers.qaconv import QAConv
+from jaxreid.matchers.transmatcher import TransformerEncoderLayer, TransMatcher
 
 INPUT_NORMS = {  # (mean, std) applied to [0, 1] pixels
     "none": (0.0, 1.0),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "half": (0.5, 0.5),
 }
-MATCHER_METHODS = ("qaconv",)
+MATCHER_METHODS = ("qaconv", "transmatcher")
 
 
 def to_unit_range(images):
@@ -29,7 +32,7 @@ def to_unit_range(images):
 
 
 class FeatureMapEncoder(nn.Module):
-  """Pixels → backbone → 3×3 neck conv → per-location L2 normalisation."""
+  """Pixels → backbone → 3×3 neck conv → per-location L2 normalisation (if `normalize`)."""
   depth: int = 50
   ibn: str = "b"
   final_layer: str = "layer3"
@@ -39,9 +42,17 @@ class FeatureMapEncoder(nn.Module):
   neck: int = 128
   input_norm: str = "none"
   dtype: Any = jnp.float32
+  normalize: bool = True
 
   @nn.compact
   def __call__(self, images, train: bool = False):
+    x = self.neck_output(images, train).astype(jnp.float32)
+    if not self.normalize:
+      return x
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
+
+  def neck_output(self, images, train: bool):
+    """Backbone + neck conv (submodules `backbone`, `neck_conv` of this module)."""
     mean, std = INPUT_NORMS[self.input_norm]
     x = (to_unit_range(images) - jnp.asarray(mean)) / jnp.asarray(std)
     x = ResNet(self.depth, self.ibn, self.final_layer, self.last_stride, self.width,
@@ -49,8 +60,43 @@ class FeatureMapEncoder(nn.Module):
     if self.neck:
       x = nn.Conv(self.neck, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
                   name="neck_conv")(x)
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
+    return x
+
+
+class TransformerMapEncoder(FeatureMapEncoder):
+  """FeatureMapEncoder followed by post-LN Transformer encoder layers (TransMatcher).
+
+  Returns the maps the N decoder layers read, stacked [B, N, h, w, d]: the last N of
+  [x, enc1(x), enc2(enc1(x)), …] — with `encoders` = N - 1 (official default) the neck output
+  feeds decoder 1; with `encoders` = N (paper Fig. 1) decoder n reads enc_n. `pos_embed` adds a
+  learned [h, w, d] positional embedding to x before the encoders (paper Table 3). `map_dtype`:
+  dtype of the returned maps (bfloat16 halves the host memory of extracted features, which is
+  N·h·w·d per image: 1.2 MB in float32 at full size).
+  """
+  num_layers: int = 3
+  encoders: int = 2
+  heads: int = 1
+  ffn: int = 2048
+  pos_embed: bool = False
+  map_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    if self.encoders not in (self.num_layers - 1, self.num_layers):
+      raise ValueError(f"model.encoders={self.encoders} must be model.num_layers - 1 "
+                       f"({self.num_layers - 1}) or model.num_layers ({self.num_layers}).")
+    x = self.neck_output(images, train).astype(jnp.float32)
+    if self.normalize:
+      x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
+    if self.pos_embed:
+      x = x + self.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:], jnp.float32)
+    b, h, w, d = x.shape
+    seq, outputs = x.reshape(b, h * w, d), [x.reshape(b, h * w, d)]
+    for i in range(self.encoders):
+      seq = TransformerEncoderLayer(self.heads, self.ffn, self.dtype, name=f"layers_{i}")(seq)
+      outputs.append(seq)
+    maps = jnp.stack(outputs[-self.num_layers:], axis=1).reshape(b, self.num_layers, h, w, d)
+    return maps.astype(self.map_dtype)
 
 
 class PairwiseModel(nn.Module):
@@ -82,15 +128,29 @@ def build_model(config) -> PairwiseModel:
   if m.name not in MATCHER_METHODS:
     raise ValueError(f"model.name={m.name!r} is unknown; known methods: {MATCHER_METHODS}.")
   dtype = jnp.bfloat16 if config.get("train", {}).get("bf16", False) else jnp.float32
-  encoder = FeatureMapEncoder(depth=m.depth, ibn=m.ibn, final_layer=m.final_layer,
-                              last_stride=m.get("last_stride", 2), width=m.get("width", 64),
-                              freeze_bn=m.freeze_bn, neck=m.neck, input_norm=m.input_norm,
-                              dtype=dtype)
+  common = dict(depth=m.depth, ibn=m.ibn, final_layer=m.final_layer,
+                last_stride=m.get("last_stride", 2), width=m.get("width", 64),
+                freeze_bn=m.freeze_bn, neck=m.neck, input_norm=m.input_norm, dtype=dtype)
   h, w = feature_map_size(m, config.data.height, config.data.width)
-  return PairwiseModel(encoder=encoder, matcher=QAConv(h, w, m.head))
+  if m.name == "transmatcher":
+    return _transmatcher(m, common, h, w)
+  return PairwiseModel(encoder=FeatureMapEncoder(**common), matcher=QAConv(h, w, m.head))
+
+
+def _transmatcher(m, common: dict, h: int, w: int) -> PairwiseModel:
+  if not m.neck:
+    raise ValueError("TransMatcher needs a neck (model.neck = d > 0).")
+  encoder = TransformerMapEncoder(**common, normalize=m.get("normalize", False),
+                                  num_layers=m.num_layers, encoders=m.encoders, heads=m.heads,
+                                  ffn=m.ffn, pos_embed=m.pos_embed,
+                                  map_dtype=jnp.dtype(m.get("map_dtype", "float32")))
+  matcher = TransMatcher(h, w, num_layers=m.num_layers, ffn=m.ffn, fc1=m.fc1, bn1=m.bn1,
+                         mlp_head1=m.mlp_head1, prior_embed=m.prior_embed, dtype=common["dtype"])
+  return PairwiseModel(encoder=encoder, matcher=matcher)
 
 
 def init_variables(model: PairwiseModel, rng, height: int, width: int):
-  """Variables for every submodule (encoder and matcher), from two dummy images."""
+  """Variables for every submodule (encoder and matcher), from two dummy images (jitted: eager
+  init of a ResNet takes seconds of op-by-op dispatch)."""
   images = jnp.zeros((2, height, width, 3), jnp.float32)
-  return model.init(rng, images, train=False)
+  return jax.jit(functools.partial(model.init, train=False))(rng, images)

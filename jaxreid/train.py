@@ -251,7 +251,8 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
       every = config.train.eval_every_epochs
       if epoch + 1 == config.train.epochs or (every and (epoch + 1) % every == 0):
         results = evaluate_matcher(config, model, {"params": state.params,
-                                                   "batch_stats": state.batch_stats}, mesh)
+                                                   "batch_stats": state.batch_stats}, mesh,
+                                   workdir=workdir)
         for name, r in results["test"].items():
           for k in ("mAP", "R1"):
             writer.add_scalar(f"eval/{name}/{k}", r[k], int(state.step))

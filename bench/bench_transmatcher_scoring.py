@@ -1,0 +1,189 @@
+"""TransMatcher query × gallery scoring: tiled jitted scorer vs a straightforward PyTorch-CPU
+implementation of the same decoder on the same inputs, and the QAConv tiled scorer on maps of the
+same size for reference.
+
+Each implementation runs in its own child process (so peak RSS is its own); the parent checks
+that the JAX and PyTorch TransMatcher scores agree. Prints one JSON line per implementation and
+a summary line.
+
+  python bench/bench_transmatcher_scoring.py            # 24×8 maps, d=512, D=2048, N=3, 32×128
+  python bench/bench_transmatcher_scoring.py --quick    # tiny, seconds
+"""
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+IMPLS = {"jax": "transmatcher_jax_tiled_jit", "torch": "transmatcher_torch_cpu",
+         "qaconv": "qaconv_jax_tiled_jit"}
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--height", type=int, default=24)
+  parser.add_argument("--width", type=int, default=8)
+  parser.add_argument("--dim", type=int, default=512, help="d (neck channels)")
+  parser.add_argument("--ffn", type=int, default=2048, help="D (decoder MLP width)")
+  parser.add_argument("--layers", type=int, default=3, help="N (decoder layers)")
+  parser.add_argument("--probes", type=int, default=32)
+  parser.add_argument("--gallery", type=int, default=128)
+  parser.add_argument("--tile-p", type=int, default=32)
+  parser.add_argument("--tile-g", type=int, default=64)
+  parser.add_argument("--torch-chunk", type=int, default=8, help="gallery maps per torch step")
+  parser.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny sizes (4×2 maps, d=16, D=32, N=2, 16×32)")
+  parser.add_argument("--impl", choices=sorted(IMPLS), help=argparse.SUPPRESS)
+  parser.add_argument("--out", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.height, args.width, args.dim, args.ffn, args.layers = 4, 2, 16, 32, 2
+    args.probes, args.gallery = 16, 32
+  return args
+
+
+def make_maps(args):
+  """Stacked layer maps [P, N, h, w, d] and [G, N, h, w, d] (unit-variance random)."""
+  rng = np.random.default_rng(args.seed)
+  shape = (args.layers, args.height, args.width, args.dim)
+  return (rng.standard_normal((args.probes, *shape), dtype=np.float32),
+          rng.standard_normal((args.gallery, *shape), dtype=np.float32))
+
+
+def transmatcher_variables(args):
+  """(module, variables): xavier init, then BN affines and running stats set to non-defaults."""
+  import jax
+  sys.path.insert(0, str(REPO))
+  from jaxreid.matchers.transmatcher import TransMatcher
+  module = TransMatcher(args.height, args.width, num_layers=args.layers, ffn=args.ffn)
+  dummy = np.zeros((1, args.layers, args.height, args.width, args.dim), np.float32)
+  variables = jax.device_get(module.init(jax.random.key(args.seed), dummy, dummy))
+  rng = np.random.default_rng(args.seed + 1)
+
+  def perturb(path, x):
+    name = path[-1].key
+    if name == "var":
+      return rng.uniform(0.5, 2.0, x.shape).astype(np.float32) * (100.0 if x.size == 1 else 1.0)
+    if name == "mean" or (name in ("scale", "bias") and path[0].key == "params"):
+      return (np.asarray(x) + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+    return np.asarray(x)
+  return module, jax.tree_util.tree_map_with_path(perturb, variables)
+
+
+def torch_scores(probe, gallery, variables, args):
+  """The decoder of METHODS.md in plain PyTorch ops: fc1 once per map, gallery chunks."""
+  import torch
+  torch.set_grad_enabled(False)
+  t = lambda x: torch.from_numpy(np.asarray(x, np.float32))
+  params, stats = variables["params"], variables["batch_stats"]
+  n, hw, d = args.layers, args.height * args.width, args.dim
+
+  def bn(x, name, layer=None):
+    p = params[name] if layer is None else params[layer][name]
+    s = stats[name] if layer is None else stats[layer][name]
+    return (x - t(s["mean"])) / torch.sqrt(t(s["var"]) + 1e-5) * t(p["scale"]) + t(p["bias"])
+
+  def project(x):
+    x = t(x).reshape(len(x), n, hw, d)
+    return torch.einsum("bntd,nde->bnte", x, t(params["fc1_kernel"])) + t(
+        params["fc1_bias"])[:, None]
+
+  q, k = project(probe), project(gallery)
+  prior = torch.sigmoid(t(params["prior"]))                      # [N, S_probe, S_gallery]
+  out = torch.empty(len(probe), len(gallery))
+  for g0 in range(0, len(gallery), args.torch_chunk):
+    kc = k[g0:g0 + args.torch_chunk]
+    total = 0.0
+    for i in range(n):
+      s = torch.einsum("ptd,grd->pgtr", q[:, i], kc[:, i]) * prior[i]
+      x = torch.stack([s.amax(3), s.amax(2)], 2)                  # [P, g, 2, S]
+      layer = f"layers_{i}"
+      x = bn(x, "bn1", layer)
+      x = x @ t(params[layer]["fc2"]["kernel"]) + t(params[layer]["fc2"]["bias"])
+      x = torch.relu(bn(x, "bn2", layer))
+      x = (x @ t(params[layer]["fc3"]["kernel"]) + t(params[layer]["fc3"]["bias"]))[..., 0]
+      total = total + bn(x.sum(-1), "bn3", layer)
+    out[:, g0:g0 + args.torch_chunk] = bn(total, "norm")
+  return out.numpy()
+
+
+def run_child(args):
+  probe, gallery = make_maps(args)
+  extra = {}
+  if args.impl == "torch":
+    import torch
+    _, variables = transmatcher_variables(args)
+    run = lambda: torch_scores(probe, gallery, variables, args)
+    extra = {"torch_threads": torch.get_num_threads(), "chunk": args.torch_chunk}
+  else:
+    import jax
+    sys.path.insert(0, str(REPO))
+    from jaxreid.eval.scoring import score_matrix
+    if args.impl == "jax":
+      module, variables = transmatcher_variables(args)
+    else:  # QAConv on the last layer's maps, L2-normalised as QAConv expects
+      from jaxreid.matchers.qaconv import QAConv
+      module = QAConv(args.height, args.width)
+      probe, gallery = (x[:, -1] / np.linalg.norm(x[:, -1], axis=-1, keepdims=True)
+                        for x in (probe, gallery))
+      variables = module.init(jax.random.key(0), probe[:1], gallery[:1])
+    match = lambda v, p, g: module.apply(v, p, g)   # one object: one jit cache entry
+    run = lambda: score_matrix(match, variables, probe, gallery, tile_p=args.tile_p,
+                               tile_g=args.tile_g)
+    extra = {"tile_p": args.tile_p, "tile_g": args.tile_g, "devices": jax.device_count(),
+             "backend": jax.default_backend()}
+  t0 = time.perf_counter()
+  scores = run()
+  first = time.perf_counter() - t0
+  walls = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    scores = run()
+    walls.append(time.perf_counter() - t0)
+  wall = min(walls) if walls else first
+  np.save(args.out, scores)
+  pairs = args.probes * args.gallery
+  print(json.dumps({
+      "impl": IMPLS[args.impl], "pairs": pairs,
+      "maps": [args.layers, args.height, args.width, args.dim], "D": args.ffn,
+      "P": args.probes, "G": args.gallery, "wall_s": round(wall, 4),
+      "first_call_s": round(first, 4), "pairs_per_s": round(pairs / wall, 1),
+      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      **extra}), flush=True)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.impl:
+    return run_child(args)
+  results, outputs = {}, {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for impl in ("jax", "torch", "qaconv"):
+      out = os.path.join(tmp, f"{impl}.npy")
+      cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+             "--impl", impl, "--out", out]
+      line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+      line = line.strip().splitlines()[-1]
+      print(line, flush=True)
+      results[impl], outputs[impl] = json.loads(line), np.load(out)
+  diff = np.abs(outputs["jax"] - outputs["torch"])
+  rate = lambda impl: results[impl]["pairs_per_s"]
+  print(json.dumps({
+      "summary": "transmatcher_scoring",
+      "speedup_jax_over_torch": round(rate("jax") / rate("torch"), 2),
+      "transmatcher_over_qaconv_time": round(rate("qaconv") / rate("jax"), 2),
+      "max_abs_diff": float(diff.max()),
+      "max_rel_diff": float((diff / np.maximum(np.abs(outputs["torch"]), 1.0)).max())}))
+
+
+if __name__ == "__main__":
+  main()
