@@ -80,3 +80,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.retrieval_top_k = 100          # gallery entries per query in workdir/retrieval.npz; 0 = off
   c.eval.paper = ml_collections.ConfigDict()  # the paper's numbers for this setting, if any
   return c
+
+
+def paper_recipe(c: ml_collections.ConfigDict, train: str, paper: dict) -> ml_collections.ConfigDict:
+  """The QAConv/TransMatcher papers' common recipe on `train`, tested on the sets of `paper`
+  ({test set: {"R1", "mAP"}}): ResNet-50-IBN-b with frozen BN (ImageNet weights through
+  model.pretrained) at 384×128, batch 64 with K = 4, SGD lr 0.005 with the backbone at ×0.1,
+  15 epochs with a ×0.1 step at 10, bf16."""
+  c.dataset.train = train
+  c.dataset.test = ",".join(paper)
+  c.data.height, c.data.width = 384, 128
+  c.data.batch_size, c.data.num_instances = 64, 4
+  c.data.augment.update(pad=10, color_jitter=True)
+  c.model.update(depth=50, width=64, ibn="b", freeze_bn=True)
+  c.train.update(epochs=15, lr=0.005, backbone_lr_mult=0.1, lr_step_epochs=(10,), bf16=True,
+                 checkpoint_every_steps=1000)
+  c.eval.batch_size = 128
+  c.eval.paper = paper
+  return c

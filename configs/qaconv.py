@@ -1,5 +1,5 @@
 """QAConv (ECCV 2020): class-memory training with the focal loss (METHODS.md, QAConv)."""
-from configs.common import base_config
+from configs.common import base_config, paper_recipe
 
 PAPER = {  # R1 / mAP (%) of QAConv-50 (ECCV 2020) per (training set, test set), METHODS.md
     "market1501": {"dukemtmc_reid": {"R1": 48.8, "mAP": 28.7}},
@@ -17,14 +17,10 @@ def get_config(setting: str = "synthetic"):
   if setting == "synthetic":
     return c
   if setting in ("market", "duke"):
-    source, target = ("market1501", "dukemtmc_reid")[::1 if setting == "market" else -1]
-    c.dataset.train, c.dataset.test = source, target
-    c.data.height, c.data.width = 384, 128
-    c.data.batch_size, c.data.num_instances = 32, 4
-    c.data.augment.update(pad=10, color_jitter=True)
-    c.model.update(depth=50, width=64, ibn="b", freeze_bn=True, neck=128)
-    c.train.update(epochs=15, lr=0.005, backbone_lr_mult=0.1, lr_step_epochs=(10,), clip_norm=0.0,
-                   bf16=True, checkpoint_every_steps=1000)
-    c.eval.paper = PAPER[source]
+    train = "market1501" if setting == "market" else "dukemtmc_reid"
+    c = paper_recipe(c, train, PAPER[train])
+    c.data.batch_size = 32
+    c.model.neck = 128
+    c.train.clip_norm = 0.0
     return c
   raise ValueError(f"configs/qaconv.py has no setting {setting!r}; use synthetic, market or duke.")

@@ -1,26 +1,13 @@
 """Full-size QAConv (ResNet-50-IBN-b, 384×128) by shapes only: no compile, no real weights."""
-from pathlib import Path
-
 import jax
 import numpy as np
 
 from configs import qaconv_gs
 from jaxreid.convert import qaconv_from_official
 from jaxreid.models import build_model, init_variables
+from official_keys import DATA, official_shapes
 
-KEYS = Path(__file__).parent / "data" / "official_qaconv_resnet50_ibn_b_keys.txt"
-
-
-def official_shapes() -> dict[str, dict[str, tuple]]:
-  """The official parameter shapes, section → key → shape (from ../shared/reference)."""
-  sections, current = {}, None
-  for line in KEYS.read_text().splitlines():
-    if line.startswith("## "):
-      current = sections.setdefault(line[3:].split("(")[0].strip(), {})
-    elif line.strip():
-      key, shape = line.split(" ", 1)
-      current[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-  return sections
+KEYS = DATA / "official_qaconv_resnet50_ibn_b_keys.txt"
 
 
 def test_paper_config_matches_the_official_parameter_layout():
@@ -31,7 +18,7 @@ def test_paper_config_matches_the_official_parameter_layout():
                         jax.ShapeDtypeStruct((2, 384, 128, 3), np.uint8))
   assert maps.shape == (2, 24, 8, 128)
 
-  shapes = official_shapes()
+  shapes = official_shapes(KEYS)
   rng = np.random.default_rng(0)
   fake = lambda shape: rng.standard_normal(shape).astype(np.float32) if shape else np.int64(0)
   ckpt = {"model": {f"base.{k}": fake(s) for k, s in shapes["resnet50_ibn_b"].items()

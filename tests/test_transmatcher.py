@@ -176,7 +176,7 @@ def test_flipped_switches_train_one_step():
   assert {x.dtype for x in jax.tree.leaves(new.params)} == {jnp.dtype("float32")}
 
 
-@pytest.mark.parametrize("setting", sorted(tm_config.SETTINGS))
+@pytest.mark.parametrize("setting", sorted(tm_config.PAPER))
 def test_paper_settings(setting):
   c = tm_config.get_config(setting)
   m, t, d = c.model, c.train, c.data

@@ -16,6 +16,7 @@ from torch import nn
 import jaxreid
 from jaxreid import convert
 from test_convert import TorchResNet, calibrate, nhwc
+from official_keys import official_shapes
 
 DEPTH, WIDTH, D_MODEL, FFN, N, ENCODERS = 18, 16, 32, 24, 3, 2
 INPUT = (64, 32)
@@ -85,18 +86,6 @@ class TorchTransMatcher(nn.Module):
   def forward(self, probe, gallery):  # [B, N, h, w, d]
     flat = lambda x: x.reshape(x.shape[0], N, S, D_MODEL)
     return self.decoder(flat(probe), flat(gallery))
-
-
-def official_shapes(path) -> dict[str, dict[str, tuple]]:
-  """Section → key → shape of a keys file ('## section' headers, 'key (shape)' lines)."""
-  sections, current = {}, None
-  for line in path.read_text().splitlines():
-    if line.startswith("## "):
-      current = sections.setdefault(line[3:].split("(")[0].strip(), {})
-    elif line.strip():
-      key, shape = line.split(" ", 1)
-      current[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-  return sections
 
 
 @pytest.fixture(scope="module")
