@@ -17,12 +17,13 @@ import json
 import os
 import pathlib
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from harness import peak_rss_mb, run_impl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BYTES_PER_SCORE_ARGSORT = 4 + 8 + 8 + 1   # scores, int64 order, gathered ids, match mask
@@ -95,7 +96,7 @@ def run_child(args):
   try:
     scores, q_ids, g_ids, q_cams, g_cams = make_problem(args.queries, args.gallery, args.ids,
                                                         args.cams, args.seed)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mb()
     t0 = time.perf_counter()
     if args.impl == "jaxreid":
       metrics = load_metrics_module().evaluate_ranking(scores, q_ids, g_ids, q_cams, g_cams)
@@ -107,7 +108,7 @@ def run_child(args):
     record.update(status="out_of_memory", budget_gb=args.budget_gb, error=str(e)[:120])
   else:
     record.update(status="ok", wall_s=round(wall, 2),
-                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                  peak_rss_mb=round(peak_rss_mb()),
                   rss_before_run_mb=round(rss_before), mAP=metrics["mAP"],
                   mINP=metrics["mINP"], R1=float(metrics["cmc"][0]),
                   num_valid_queries=metrics["num_valid_queries"])
@@ -116,18 +117,7 @@ def run_child(args):
 
 
 def child(argv, impl, queries, tmp):
-  out = os.path.join(tmp, f"{impl}_{queries}.npy")
-  cmd = [sys.executable, __file__, *argv, "--impl", impl, "--queries", str(queries),
-         "--out", out]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  lines = proc.stdout.strip().splitlines()
-  if not lines:   # killed before printing (e.g. by the kernel's OOM killer)
-    record = {"impl": impl, "P": queries, "status": f"died (rc {proc.returncode})",
-              "stderr": proc.stderr[-300:]}
-  else:
-    record = json.loads(lines[-1])
-  print(json.dumps(record), flush=True)
-  return record, (np.load(out) if record.get("status") == "ok" else None)
+  return run_impl(__file__, argv, impl, tmp, "--queries", str(queries))
 
 
 def main(argv=None):
@@ -148,9 +138,9 @@ def main(argv=None):
       base, base_cmc = child(argv, "argsort", fit, tmp)
     ours, ours_cmc = child(argv, "jaxreid", fit, tmp) if fit != args.queries else (full, None)
     if base_cmc is None:
-      base_cmc = np.load(os.path.join(tmp, f"argsort_{fit}.npy"))
+      base_cmc = np.load(os.path.join(tmp, f"argsort_--queries_{fit}.npy"))
     if ours_cmc is None:
-      ours_cmc = np.load(os.path.join(tmp, f"jaxreid_{fit}.npy"))
+      ours_cmc = np.load(os.path.join(tmp, f"jaxreid_--queries_{fit}.npy"))
   print(json.dumps({
       "summary": "metrics_scale", "full_size": [args.queries, args.gallery],
       "argsort_fits_budget_at_full_size": base_full["status"] == "ok",

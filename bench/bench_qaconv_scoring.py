@@ -8,15 +8,13 @@ that both gave the same scores. Prints one JSON line per implementation and a su
 """
 import argparse
 import json
-import os
 import pathlib
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
+
+from harness import peak_rss_mb, run_impl, timed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -121,16 +119,8 @@ def run_child(args):
                                tile_g=args.tile_g)
     extra = {"tile_p": args.tile_p, "tile_g": args.tile_g, "devices": jax.device_count(),
              "backend": jax.default_backend()}
-  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  t0 = time.perf_counter()
-  scores = run()
-  first = time.perf_counter() - t0
-  walls = []
-  for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    scores = run()
-    walls.append(time.perf_counter() - t0)
-  wall = min(walls) if walls else first
+  rss_before = peak_rss_mb()
+  scores, first, wall = timed(run, args.repeats)
   np.save(args.out, scores)
   pairs = args.probes * args.gallery
   print(json.dumps({
@@ -138,7 +128,7 @@ def run_child(args):
       "pairs": pairs, "maps": [args.height, args.width, args.dim],
       "P": args.probes, "G": args.gallery, "wall_s": round(wall, 4),
       "first_call_s": round(first, 4), "pairs_per_s": round(pairs / wall, 1),
-      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "peak_rss_mb": round(peak_rss_mb(), 1),
       "rss_before_run_mb": round(rss_before, 1), **extra}), flush=True)
 
 
@@ -146,16 +136,11 @@ def main(argv=None):
   args = parse_args(argv)
   if args.impl:
     return run_child(args)
+  argv = list(argv if argv is not None else sys.argv[1:])
   results, outputs = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     for impl in ("jax", "numpy"):
-      out = os.path.join(tmp, f"{impl}.npy")
-      cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
-             "--impl", impl, "--out", out]
-      line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-      line = line.strip().splitlines()[-1]
-      print(line, flush=True)
-      results[impl], outputs[impl] = json.loads(line), np.load(out)
+      results[impl], outputs[impl] = run_impl(__file__, argv, impl, tmp)
   diff = np.abs(outputs["jax"] - outputs["numpy"])
   print(json.dumps({
       "summary": "qaconv_scoring", "speedup_jax_over_numpy":

@@ -10,15 +10,13 @@ both gave the same distances. Prints one JSON line per implementation and a summ
 """
 import argparse
 import json
-import os
 import pathlib
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
+
+from harness import peak_rss_mb, run_impl, timed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -116,19 +114,15 @@ def run_child(args):
   else:
     run = lambda: direct_rerank(qg, qq, gg, args.k1, args.k2, args.lambda_value,
                                 args.direct_sort)
-  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  walls = []
-  for _ in range(max(1, args.repeats)):
-    t0 = time.perf_counter()
-    out = run()
-    walls.append(time.perf_counter() - t0)
+  rss_before = peak_rss_mb()
+  out, first, wall = timed(run, max(0, args.repeats - 1))
   np.save(args.out, out)
   print(json.dumps({
       "impl": {"jaxreid": "jaxreid_blocked",
                "direct": f"numpy_dense_{args.direct_sort}"}[args.impl],
-      "P": args.queries, "G": args.gallery, "wall_s": round(min(walls), 2),
-      "first_call_s": round(walls[0], 2),
-      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+      "P": args.queries, "G": args.gallery, "wall_s": round(wall, 2),
+      "first_call_s": round(first, 2),
+      "peak_rss_mb": round(peak_rss_mb()),
       "rss_before_run_mb": round(rss_before),
       "input_mb": round((qg.nbytes + qq.nbytes + gg.nbytes) / 2**20)}), flush=True)
 
@@ -141,12 +135,7 @@ def main(argv=None):
   results, outputs = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     for impl in ("jaxreid", "direct"):
-      out = os.path.join(tmp, f"{impl}.npy")
-      line = subprocess.run([sys.executable, __file__, *argv, "--impl", impl, "--out", out],
-                            check=True, capture_output=True, text=True).stdout
-      line = line.strip().splitlines()[-1]
-      print(line, flush=True)
-      results[impl], outputs[impl] = json.loads(line), np.load(out)
+      results[impl], outputs[impl] = run_impl(__file__, argv, impl, tmp)
   ours, base = results["jaxreid"], results["direct"]
   added = lambda r: r["peak_rss_mb"] - r["rss_before_run_mb"]
   print(json.dumps({

@@ -11,15 +11,13 @@ a summary line.
 """
 import argparse
 import json
-import os
 import pathlib
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
+
+from harness import peak_rss_mb, run_impl, timed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 IMPLS = {"jax": "transmatcher_jax_tiled_jit", "torch": "transmatcher_torch_cpu",
@@ -141,15 +139,7 @@ def run_child(args):
                                tile_g=args.tile_g)
     extra = {"tile_p": args.tile_p, "tile_g": args.tile_g, "devices": jax.device_count(),
              "backend": jax.default_backend()}
-  t0 = time.perf_counter()
-  scores = run()
-  first = time.perf_counter() - t0
-  walls = []
-  for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    scores = run()
-    walls.append(time.perf_counter() - t0)
-  wall = min(walls) if walls else first
+  scores, first, wall = timed(run, args.repeats)
   np.save(args.out, scores)
   pairs = args.probes * args.gallery
   print(json.dumps({
@@ -157,7 +147,7 @@ def run_child(args):
       "maps": [args.layers, args.height, args.width, args.dim], "D": args.ffn,
       "P": args.probes, "G": args.gallery, "wall_s": round(wall, 4),
       "first_call_s": round(first, 4), "pairs_per_s": round(pairs / wall, 1),
-      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "peak_rss_mb": round(peak_rss_mb(), 1),
       **extra}), flush=True)
 
 
@@ -165,16 +155,11 @@ def main(argv=None):
   args = parse_args(argv)
   if args.impl:
     return run_child(args)
+  argv = list(argv if argv is not None else sys.argv[1:])
   results, outputs = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     for impl in ("jax", "torch", "qaconv"):
-      out = os.path.join(tmp, f"{impl}.npy")
-      cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
-             "--impl", impl, "--out", out]
-      line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-      line = line.strip().splitlines()[-1]
-      print(line, flush=True)
-      results[impl], outputs[impl] = json.loads(line), np.load(out)
+      results[impl], outputs[impl] = run_impl(__file__, argv, impl, tmp)
   diff = np.abs(outputs["jax"] - outputs["torch"])
   rate = lambda impl: results[impl]["pairs_per_s"]
   print(json.dumps({
