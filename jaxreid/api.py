@@ -211,13 +211,24 @@ class ReidModel:
                         tile_g=tile_g or ev.get("tile_g", 256), progress=progress)
 
   def correspondences(self, probe_maps, gallery_maps) -> dict:
-    """QAConv's argmax matches for drawing (`jaxreid.matchers.qaconv.correspondences`): for
-    every pair, each probe location's best gallery location and vice versa (flat y*w+x), with
-    their similarities; arrays [P, G, h*w]. Meant for a few pairs at a time."""
+    """Argmax matches for drawing: for every pair and matching layer, each probe location's best
+    gallery location and vice versa (flat y*w+x), with their similarities. Arrays
+    [L, P, G, h*w] with a leading layer axis: L = 1 for QAConv
+    (`jaxreid.matchers.qaconv.correspondences`), one entry per decoder layer for TransMatcher
+    (`jaxreid.matchers.transmatcher.correspondences`: fc1 and the sigmoid(R_n) prior applied as
+    in the decoder). Keys: probe_to_gallery, probe_to_gallery_score, gallery_to_probe,
+    gallery_to_probe_score. Meant for a few pairs at a time (memory P·G·L·(h*w)²)."""
+    probe = self._check_maps(probe_maps, "probe_maps")
+    gallery = self._check_maps(gallery_maps, "gallery_maps")
+    if self.config.model.name == "transmatcher":
+      from jaxreid.matchers import transmatcher
+      params = self.variables["params"]["matcher"]
+      out = transmatcher.correspondences(probe, gallery, params.get("fc1_kernel"),
+                                         params.get("fc1_bias"), params.get("prior"))
+      return {k: np.asarray(v) for k, v in out.items()}
     from jaxreid.matchers.qaconv import correspondences
-    out = correspondences(self._check_maps(probe_maps, "probe_maps"),
-                          self._check_maps(gallery_maps, "gallery_maps"))
-    return {k: np.asarray(v) for k, v in out.items()}
+    out = correspondences(probe, gallery)
+    return {k: np.asarray(v)[None] for k, v in out.items()}
 
   def score(self, probe_images, gallery_images, **kwargs) -> np.ndarray:
     """`match(encode(probe_images), encode(gallery_images))`."""

@@ -107,6 +107,29 @@ def projected_similarities(probe, gallery, prior=None, gallery_chunk: int = 8):
   return pooled.transpose(1, 0, 2, 3, 4)
 
 
+def correspondences(probe, gallery, fc1_kernel=None, fc1_bias=None, prior_logits=None):
+  """Per decoder layer argmax locations of both max-poolings (flat y*w+x), for drawing matches.
+
+  probe [P, N, h, w, d] (or [P, N, S, d]) and gallery [G, N, …] are the encoder's maps;
+  `fc1_kernel` [N, d, d] / `fc1_bias` [N, d] the matcher's fc1 (None: `fc1` off) and
+  `prior_logits` R [N, S, S] (probe location × gallery location; None: `prior_embed` off), i.e.
+  S_n = fc1(q_n)·fc1(k_n)ᵀ ⊙ sigmoid(R_n) as in `TransMatcher`. Returns a dict of arrays
+  [N, P, G, S]: `probe_to_gallery` (best gallery location of each probe location),
+  `gallery_to_probe`, and the matching (prior-weighted) similarities `*_score`.
+  """
+  n = probe.shape[1]
+  p = probe.reshape(probe.shape[0], n, -1, probe.shape[-1]).astype(jnp.float32)
+  g = gallery.reshape(gallery.shape[0], n, -1, gallery.shape[-1]).astype(jnp.float32)
+  if fc1_kernel is not None:
+    project = lambda x: jnp.einsum("bntd,nde->bnte", x, fc1_kernel) + fc1_bias[:, None]
+    p, g = project(p), project(g)
+  s = jnp.einsum("pntd,gnrd->npgtr", p, g, preferred_element_type=jnp.float32)
+  if prior_logits is not None:
+    s = s * jax.nn.sigmoid(prior_logits)[:, None, None]   # [N, 1, 1, t, r]
+  return {"probe_to_gallery": s.argmax(4), "probe_to_gallery_score": s.max(4),
+          "gallery_to_probe": s.argmax(3), "gallery_to_probe_score": s.max(3)}
+
+
 class DecoderHead(nn.Module):
   """BN1 → [FC2 (S→D) → BN2 → ReLU] → FC3 (→1) per direction; directions summed → BN3."""
   ffn: int = 2048

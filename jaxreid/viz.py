@@ -1,0 +1,129 @@
+"""Drawing local correspondences between a probe and a gallery image (QAConv "interpretability",
+TransMatcher Fig. 3): lines from each probe feature-map cell to its best-matching gallery cell.
+
+    out = model.correspondences(probe_maps[:1], gallery_maps[:1])          # [L, 1, 1, h*w]
+    image = draw_matches(probe_image, gallery_image, out["probe_to_gallery"][0, 0, 0],
+                         out["probe_to_gallery_score"][0, 0, 0], map_size=model.map_size, top=20)
+"""
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+BACKGROUND = (255, 255, 255)
+
+
+def _rgb(image) -> Image.Image:
+  if isinstance(image, Image.Image):
+    return image.convert("RGB")
+  array = np.asarray(image)
+  if array.ndim != 3 or array.shape[-1] != 3:
+    raise ValueError(f"expected an RGB image HxWx3; got shape {array.shape}.")
+  if array.dtype != np.uint8:
+    array = np.clip(np.rint(array * 255 if array.max() <= 1.0 else array), 0, 255).astype(np.uint8)
+  return Image.fromarray(array, "RGB")
+
+
+def score_colour(t: float) -> tuple[int, int, int]:
+  """Red (t = 0, weakest drawn match) → yellow → green (t = 1, strongest)."""
+  t = float(np.clip(t, 0.0, 1.0))
+  return (int(round(255 * min(1.0, 2 * (1 - t)))), int(round(255 * min(1.0, 2 * t))), 0)
+
+
+def cell_centres(map_size: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
+  """Pixel (x, y) centres [h*w, 2] of the cells of an h×w feature map over an image of
+  image_size = (height, width) pixels (cell (i, j) covers rows i·H/h … (i+1)·H/h)."""
+  h, w = map_size
+  height, width = image_size
+  ys, xs = np.meshgrid((np.arange(h) + 0.5) * height / h, (np.arange(w) + 0.5) * width / w,
+                       indexing="ij")
+  return np.stack([xs.ravel(), ys.ravel()], axis=1)
+
+
+def select_matches(scores, *, threshold: float | None = None, top: int | None = None) -> np.ndarray:
+  """Indices of the matches to draw, strongest first: score ≥ threshold, then the `top` best."""
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  order = np.argsort(-scores, kind="stable")
+  if threshold is not None:
+    order = order[scores[order] >= threshold]
+  if top is not None:
+    order = order[:max(int(top), 0)]
+  return order
+
+
+def draw_matches(probe_image, gallery_image, locations, scores, *, map_size,
+                 threshold: float | None = None, top: int | None = None, line_width: int = 1,
+                 gap: int = 0) -> Image.Image:
+  """The probe and gallery images side by side with a line from each probe map cell to the
+  centre of its matched gallery cell.
+
+  probe_image / gallery_image: uint8 HxWx3 arrays (or PIL images) of any size; each is mapped to
+  the h×w feature map by scaling with its own size. locations [h*w]: the matched gallery cell
+  (flat y*w+x) of every probe cell; scores [h*w]: their similarities. Only matches with score ≥
+  `threshold` and then the `top` best are drawn, coloured red (weakest drawn) → green
+  (strongest); weaker lines are drawn first so the strong ones stay on top. `gap` pixels of
+  white separate the images.
+  """
+  probe, gallery = _rgb(probe_image), _rgb(gallery_image)
+  h, w = map_size
+  locations = np.asarray(locations).reshape(-1)
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  if locations.shape != (h * w,) or scores.shape != (h * w,):
+    raise ValueError(f"locations and scores must have map_size {h}×{w} = {h * w} entries; got "
+                     f"{locations.shape} and {scores.shape}.")
+  if locations.size and (locations.min() < 0 or locations.max() >= h * w):
+    raise ValueError(f"locations must lie in [0, {h * w}); got [{locations.min()}, "
+                     f"{locations.max()}].")
+  canvas = Image.new("RGB", (probe.width + gap + gallery.width, max(probe.height, gallery.height)),
+                     BACKGROUND)
+  canvas.paste(probe, (0, 0))
+  offset = probe.width + gap
+  canvas.paste(gallery, (offset, 0))
+  start = cell_centres(map_size, (probe.height, probe.width))
+  end = cell_centres(map_size, (gallery.height, gallery.width)) + (offset, 0)
+  chosen = select_matches(scores, threshold=threshold, top=top)
+  if chosen.size:
+    lo, hi = scores[chosen].min(), scores[chosen].max()
+    draw = ImageDraw.Draw(canvas)
+    radius = max(1, line_width)
+    for i in chosen[::-1]:  # weakest first
+      colour = score_colour(1.0 if hi == lo else (scores[i] - lo) / (hi - lo))
+      (x0, y0), (x1, y1) = start[i], end[locations[i]]
+      draw.line([(x0, y0), (x1, y1)], fill=colour, width=line_width)
+      for x, y in ((x0, y0), (x1, y1)):
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+  return canvas
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str) -> tuple[int, int]:
+  left, top, right, bottom = draw.textbbox((0, 0), text)
+  return right - left, bottom - top
+
+
+def stack_rows(rows: Sequence, labels: Sequence[str] | None = None, *, padding: int = 4,
+               title: str | None = None) -> Image.Image:
+  """Images (PIL or uint8 arrays) stacked vertically, each under a small text label (Pillow's
+  default font), with an optional title on top; rows are left-aligned on white."""
+  rows = [_rgb(r) for r in rows]
+  labels = list(labels) if labels is not None else [""] * len(rows)
+  if len(labels) != len(rows):
+    raise ValueError(f"got {len(labels)} labels for {len(rows)} rows.")
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  texts = ([title] if title else []) + labels
+  text_height = max([_text_size(measure, t)[1] for t in texts if t] + [0]) + padding
+  width = max([r.width for r in rows] + [_text_size(measure, t)[0] for t in texts if t] + [1])
+  height = (text_height if title else 0) + sum(
+      r.height + padding + (text_height if label else 0) for r, label in zip(rows, labels))
+  canvas = Image.new("RGB", (width + 2 * padding, height + padding), BACKGROUND)
+  draw = ImageDraw.Draw(canvas)
+  y = padding
+  if title:
+    draw.text((padding, y), title, fill=(0, 0, 0))
+    y += text_height
+  for row, label in zip(rows, labels):
+    if label:
+      draw.text((padding, y), label, fill=(0, 0, 0))
+      y += text_height
+    canvas.paste(row, (padding, y))
+    y += row.height + padding
+  return canvas

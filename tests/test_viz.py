@@ -1,0 +1,168 @@
+"""Correspondence drawing (jaxreid.viz), ReidModel.correspondences for both methods, and
+main.py --mode=visualize."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxreid import viz
+from jaxreid.api import ReidModel
+from jaxreid.models import build_model, init_variables
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _blank(h, w):
+  return np.zeros((h, w, 3), np.uint8)
+
+
+def test_draw_matches_size_and_one_line_where_expected():
+  # 2×2 map over 40×20 probe and 80×40 gallery images: probe cell 0 (centre (5, 10)) → gallery
+  # cell 3 (centre (30, 60) in the gallery, x + 20 on the canvas).
+  locations, scores = np.array([3, 0, 0, 0]), np.array([0.9, -1.0, -1.0, -1.0])
+  image = viz.draw_matches(_blank(40, 20), _blank(80, 40), locations, scores, map_size=(2, 2),
+                           threshold=0.5)
+  assert isinstance(image, Image.Image) and image.size == (60, 80)
+  array = np.asarray(image)
+  assert array.dtype == np.uint8 and array.shape == (80, 60, 3)
+  assert (array[40:, :20] == 255).all()         # below the short probe image: background
+  x0, y0, x1, y1 = 5, 10, 50, 60
+  for t in np.linspace(0.1, 0.9, 9):                   # along the line: coloured (green, the best)
+    x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
+    patch = array[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3)
+    assert (patch[:, 1] > 200).any() and (patch[:, 2] == 0).all()
+  assert (array[60:80, 20:25] == 0).all() and (array[0:5, 50:60] == 0).all()  # off the line
+  # nothing drawn in the probe image except near the line from cell 0
+  assert (array[30:40, :20] == 0).all() and (array[0:40, 12:20][:8] == 0).all()
+
+
+def _drawn_pixels(image):
+  return int((np.asarray(image).sum(-1) > 0).sum())
+
+
+def test_threshold_and_top_filter_the_matches():
+  rng = np.random.default_rng(0)
+  locations, scores = rng.integers(0, 8, 8), np.linspace(0.0, 0.7, 8)
+  draw = lambda **kw: viz.draw_matches(_blank(64, 32), _blank(64, 32), locations, scores,
+                                       map_size=(4, 2), **kw)
+  assert list(viz.select_matches(scores, threshold=0.45)) == [7, 6, 5]
+  assert list(viz.select_matches(scores, top=2)) == [7, 6]
+  assert list(viz.select_matches(scores, threshold=0.65, top=5)) == [7]
+  none, one, three, all_ = (_drawn_pixels(draw(threshold=1.0)), _drawn_pixels(draw(top=1)),
+                            _drawn_pixels(draw(threshold=0.45)), _drawn_pixels(draw()))
+  assert none == 0 < one < three < all_
+
+
+def test_stack_rows_labels_and_size():
+  rows = [Image.new("RGB", (50, 20), (0, 0, 255)), np.zeros((30, 40, 3), np.uint8)]
+  out = viz.stack_rows(rows, ["layer 1", "layer 2"], title="pair")
+  assert out.width >= 50 and out.height > 50
+  array = np.asarray(out)
+  assert (array[..., 2] == 255).sum() >= 50 * 20 and (array.sum(-1) < 60).any()  # text/black
+  with pytest.raises(ValueError, match="labels"):
+    viz.stack_rows(rows, ["one"])
+
+
+def _tiny_model(name):
+  if name == "qaconv":
+    from configs import qaconv_gs as module
+  else:
+    from configs import transmatcher as module
+  config = module.get_config()
+  config.model.update(depth=18, width=8, neck=16)
+  if name == "transmatcher":
+    config.model.update(ffn=32)
+  module = build_model(config)
+  variables = init_variables(module, jax.random.key(0), config.data.height, config.data.width)
+  return config, jax.tree_util.tree_map(np.asarray, variables)
+
+
+def test_api_correspondences_qaconv_is_the_brute_force_argmax():
+  config, variables = _tiny_model("qaconv")
+  model = ReidModel(config, variables)
+  h, w = model.map_size
+  rng = np.random.default_rng(1)
+  probe, gallery = rng.normal(size=(2, h, w, 16)), rng.normal(size=(3, h, w, 16))
+  out = model.correspondences(probe.astype(np.float32), gallery.astype(np.float32))
+  s = np.einsum("ptd,grd->pgtr", probe.reshape(2, h * w, 16), gallery.reshape(3, h * w, 16))
+  assert out["probe_to_gallery"].shape == (1, 2, 3, h * w)
+  np.testing.assert_array_equal(out["probe_to_gallery"][0], s.argmax(3))
+  np.testing.assert_array_equal(out["gallery_to_probe"][0], s.argmax(2))
+  np.testing.assert_allclose(out["probe_to_gallery_score"][0], s.max(3), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out["gallery_to_probe_score"][0], s.max(2), rtol=1e-4, atol=1e-4)
+
+
+def test_api_correspondences_transmatcher_per_decoder_layer():
+  config, variables = _tiny_model("transmatcher")
+  rng = np.random.default_rng(2)
+  params = variables["params"]["matcher"]
+  n, hw = params["prior"].shape[:2]
+  # A strong, asymmetric prior so the orientation (probe location × gallery location) matters.
+  params["prior"] = rng.normal(scale=3.0, size=params["prior"].shape).astype(np.float32)
+  params["fc1_bias"] = rng.normal(scale=0.1, size=params["fc1_bias"].shape).astype(np.float32)
+  model = ReidModel(config, variables)
+  h, w = model.map_size
+  d = params["fc1_kernel"].shape[-1]
+  probe = rng.normal(size=(2, n, h, w, d)).astype(np.float32)
+  gallery = rng.normal(size=(3, n, h, w, d)).astype(np.float32)
+  out = model.correspondences(probe, gallery)
+  assert out["probe_to_gallery"].shape == (n, 2, 3, hw)
+  k, b = np.asarray(params["fc1_kernel"], np.float64), np.asarray(params["fc1_bias"], np.float64)
+  weight = 1 / (1 + np.exp(-np.asarray(params["prior"], np.float64)))   # sigmoid(R_n) [n, t, r]
+  for layer in range(n):
+    q = probe[:, layer].reshape(2, hw, d) @ k[layer] + b[layer]
+    g = gallery[:, layer].reshape(3, hw, d) @ k[layer] + b[layer]
+    s = np.einsum("ptd,grd->pgtr", q, g) * weight[layer]
+    np.testing.assert_array_equal(out["probe_to_gallery"][layer], s.argmax(3))
+    np.testing.assert_array_equal(out["gallery_to_probe"][layer], s.argmax(2))
+    np.testing.assert_allclose(out["probe_to_gallery_score"][layer], s.max(3), rtol=1e-3,
+                               atol=1e-3)
+    np.testing.assert_allclose(out["gallery_to_probe_score"][layer], s.max(2), rtol=1e-3,
+                               atol=1e-3)
+  # The scores are the values the decoder max-pools (same S_n as TransMatcher.__call__).
+  from jaxreid.matchers.transmatcher import projected_similarities
+  project = lambda x: np.einsum("bntd,nde->bnte", x.reshape(x.shape[0], n, hw, d), k) + b[:, None]
+  pooled = np.asarray(projected_similarities(project(probe), project(gallery), weight))
+  np.testing.assert_allclose(pooled[:, :, :, 0].transpose(2, 0, 1, 3),
+                             out["probe_to_gallery_score"], rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(pooled[:, :, :, 1].transpose(2, 0, 1, 3),
+                             out["gallery_to_probe_score"], rtol=1e-3, atol=1e-3)
+
+
+def test_main_visualize_writes_pngs(synthetic_data_dir, tmp_path):
+  from configs import qaconv_gs
+  from jaxreid.checkpoint import Checkpointer
+  config = qaconv_gs.get_config()
+  config.model.update(depth=18, width=8, neck=16)
+  model = build_model(config)
+  v = init_variables(model, jax.random.key(0), 64, 32)
+
+  class State:  # what Checkpointer.save_best reads
+    step, params, batch_stats = np.int32(1), v["params"], v["batch_stats"]
+  ckpt_dir = tmp_path / "ckpt"
+  ckpt = Checkpointer(ckpt_dir)
+  ckpt.save_best(State, config, {"mAP": 0.5})
+  ckpt.wait()
+  workdir = tmp_path / "work"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "main.py", "--config", "configs/qaconv_gs.py",
+                        "--mode=visualize", f"--checkpoint={ckpt_dir}", f"--workdir={workdir}",
+                        f"--config.dataset.data_dir={synthetic_data_dir}", "--num_pairs=2",
+                        "--num_matches=5"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  pngs = sorted((workdir / "visualize").glob("*.png"))
+  assert len(pngs) == 2
+  printed = out.stdout.strip().splitlines()
+  assert [Path(p).resolve() for p in printed[:2]] == [p.resolve() for p in pngs]
+  index = json.loads((workdir / "visualize" / "index.json").read_text())
+  assert len(index["pairs"]) == 2 and index["method"] == "qaconv"
+  assert (workdir / "visualize" / "index.html").is_file()
+  image = Image.open(pngs[0])
+  assert image.mode == "RGB" and image.height >= 256 and image.width >= 2 * 128
