@@ -17,7 +17,7 @@ def _examples(domain="domain_a", split="train", seed=0, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def test_sets():
+def synthetic_splits():
   return {split: _examples(split=split) for split in ("train", "query", "gallery")}
 
 
@@ -30,8 +30,8 @@ def test_deterministic_from_seed():
       np.concatenate([e["image"] for e in c[:len(a)]]).tobytes()
 
 
-def test_example_format(test_sets):
-  for split, examples in test_sets.items():
+def test_example_format(synthetic_splits):
+  for split, examples in synthetic_splits.items():
     assert examples, split
     for e in examples:
       assert e["image"].shape == (128, 64, 3) and e["image"].dtype == np.uint8
@@ -40,23 +40,23 @@ def test_example_format(test_sets):
     assert len(set(names)) == len(names)
 
 
-def test_protocol(test_sets):
-  train = {e["pid"] for e in test_sets["train"]}
-  query = {e["pid"] for e in test_sets["query"]}
-  gallery = {e["pid"] for e in test_sets["gallery"]}
+def test_protocol(synthetic_splits):
+  train = {e["pid"] for e in synthetic_splits["train"]}
+  query = {e["pid"] for e in synthetic_splits["query"]}
+  gallery = {e["pid"] for e in synthetic_splits["gallery"]}
   assert len(train) == SMALL["num_train_ids"] and len(query) == SMALL["num_test_ids"]
   assert min(train) > 0 and min(query) > 0 and not train & (query | gallery)
   assert gallery - query == {0}
-  assert sum(e["pid"] == 0 for e in test_sets["gallery"]) == SMALL["num_distractors"]
-  seen = {(e["pid"], e["camera"]) for e in test_sets["gallery"]}
-  per_id_cam = [(e["pid"], e["camera"]) for e in test_sets["query"]]
+  assert sum(e["pid"] == 0 for e in synthetic_splits["gallery"]) == SMALL["num_distractors"]
+  seen = {(e["pid"], e["camera"]) for e in synthetic_splits["gallery"]}
+  per_id_cam = [(e["pid"], e["camera"]) for e in synthetic_splits["query"]]
   assert len(per_id_cam) == len(set(per_id_cam)) == 2 * SMALL["num_test_ids"]
   for pid, cam in per_id_cam:
     assert any(p == pid and c != cam for p, c in seen), (pid, cam)
 
 
-def test_same_id_images_are_closer_than_different_ids(test_sets):
-  examples = test_sets["train"]
+def test_same_id_images_are_closer_than_different_ids(synthetic_splits):
+  examples = synthetic_splits["train"]
   small = np.stack([np.asarray(Image.fromarray(e["image"]).resize((16, 32), Image.BOX),
                                np.float32).ravel() for e in examples])
   pids = np.array([e["pid"] for e in examples])
@@ -66,9 +66,9 @@ def test_same_id_images_are_closer_than_different_ids(test_sets):
   assert dist[same & off_diagonal].mean() < 0.95 * dist[~same].mean()
 
 
-def test_co_walkers_cooccur_in_every_camera(test_sets):
+def test_co_walkers_cooccur_in_every_camera(synthetic_splits):
   """Ids seen within 15 s in one camera are also close in time in their other cameras."""
-  examples = test_sets["query"] + test_sets["gallery"]
+  examples = synthetic_splits["query"] + synthetic_splits["gallery"]
   times = {}
   for e in examples:
     if e["pid"]:
