@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxreid import convert
 from jaxreid.eval.scoring import score_matrix
+from jaxreid.evaluate import match_fn
 from jaxreid.models import build_model, feature_map_size, init_variables
 
 CONVERTERS = {"qaconv": convert.qaconv_from_official,  # model.name → official converter
@@ -153,7 +154,7 @@ class ReidModel:
     self.variables = jax.device_put(variables)
     module = self.module
     self._encode = jax.jit(lambda v, x: module.apply(v, x, method="encode"))
-    self._match_fn = lambda v, p, g: module.apply(v, p, g, method="match")
+    self._match_fn = match_fn(module)  # shared with evaluation: one jit cache per model
 
   def __repr__(self):
     m = self.config.model

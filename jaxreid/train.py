@@ -160,12 +160,6 @@ def make_sampler(config, train_split):
              seed=config.seed)
 
 
-def steps_per_epoch(config, sampler) -> int:
-  if isinstance(sampler, samplers.GraphSampler):
-    return sampler.num_classes
-  return sampler.num_batches
-
-
 def epoch_plan(config, sampler, model, state, train_split, mesh, epoch: int) -> np.ndarray:
   """The batches of one epoch; the graph sampler first scores one image per class."""
   if not isinstance(sampler, samplers.GraphSampler):
@@ -195,7 +189,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
                                     manual_dir=config.dataset.manual_dir)
   model = build_model(config)
   sampler = make_sampler(config, train_split)
-  n_steps = steps_per_epoch(config, sampler)
+  n_steps = sampler.num_batches
   tx = make_optimizer(config.train, n_steps)
   state = create_train_state(config, model, tx, train_split.num_classes,
                              jax.random.key(config.seed))
