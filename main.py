@@ -172,7 +172,13 @@ def main(argv):
       print(entry["png"])
     print(os.path.join(workdir, "visualize", "index.html"))
     return
-  if FLAGS.mode == "train":
+  if "nformer" in config:  # NFormer: stage 1 (embedding), stage 2, refined evaluation
+    from jaxreid import nformer_train
+    if FLAGS.mode == "train":
+      results = nformer_train.train_and_evaluate_nformer(config, workdir)
+    else:
+      results = nformer_train.evaluate_nformer(config, FLAGS.checkpoint or workdir, workdir)
+  elif FLAGS.mode == "train":
     from jaxreid.train import train_and_evaluate
     results = train_and_evaluate(config, workdir)
   else:

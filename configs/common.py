@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Colour jitter is off on synthetic_reid, where clothing colour is most of the identity cue
   # (3 epochs: mAP 5.8 without vs 3.0 with); the paper settings turn it on.
   c.data.augment = ml_collections.ConfigDict(dict(
-      pad=4, flip=True, rotate_deg=5.0, color_jitter=False, occlusion=True))
+      pad=4, flip=True, rotate_deg=5.0, color_jitter=False, occlusion=True, random_erasing=0.0))
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "qaconv"
@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 50
   c.train.keep_checkpoints = 2
   c.train.eval_every_epochs = 0         # 0 = only after the last epoch
+  c.train.stop_at_step = config_dict.placeholder(int)  # checkpoint and stop (time-limited jobs)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64

@@ -4,6 +4,8 @@
     model = jaxreid.load("qaconv_gs", "runs/market")            # a jaxreid training run
     maps = model.encode(images)                                 # [B, h, w, d]
     scores = model.match(maps[:10], maps)                       # [10, B] logits
+    nformer = jaxreid.load("nformer", "nformer_model.pth")      # NFormer stage 2 (or a run)
+    refined = nformer.refine(features, num_queries=len(query))  # post-BN refined vectors
 """
 import importlib.util
 import os
@@ -17,7 +19,7 @@ import numpy as np
 from jaxreid import convert
 from jaxreid.eval.scoring import score_matrix
 from jaxreid.evaluate import match_fn
-from jaxreid.models import build_model, feature_map_size, init_variables
+from jaxreid.models import build_model, feature_map_size, init_variables, is_embedding
 
 CONVERTERS = {"qaconv": convert.qaconv_from_official,  # model.name → official converter
               "transmatcher": convert.transmatcher_from_official}
@@ -122,6 +124,8 @@ def load(method_or_config, checkpoint, *, input_size=None, batch_size: int | Non
   checkpoint directory (architecture and input size from its saved config). `batch_size`: images
   per `encode` step (default `config.eval.batch_size`).
   """
+  if isinstance(method_or_config, str) and method_or_config == "nformer":
+    return load_nformer(checkpoint)
   config = resolve_config(method_or_config)
   path = Path(os.path.expanduser(str(checkpoint)))
   if not path.exists():
@@ -159,8 +163,10 @@ class ReidModel:
   def __repr__(self):
     m = self.config.model
     head = f", head={m.head}" if m.name == "qaconv" else ""
+    output = (f"pooling {m.get('pooling', 'gap')}, vectors" if is_embedding(m)
+              else f"maps {self.map_size}")
     return (f"ReidModel({m.name}, ResNet-{m.depth} ibn={m.ibn}, {m.final_layer}{head}, "
-            f"input {self.input_size[0]}×{self.input_size[1]}, maps {self.map_size})")
+            f"input {self.input_size[0]}×{self.input_size[1]}, {output})")
 
   def _check_images(self, images) -> np.ndarray:
     images = np.asarray(images)
@@ -194,7 +200,13 @@ class ReidModel:
 
   def _check_maps(self, maps, name: str) -> np.ndarray:
     maps = np.asarray(maps)
-    ndim = 5 if self.config.model.name == "transmatcher" else 4  # [B, N layers, h, w, d]
+    if is_embedding(self.config.model):  # vectors [N, D]
+      if maps.ndim != 2:
+        raise ValueError(f"{name} must be embedding vectors [N, D] from encode(); got shape "
+                         f"{maps.shape}.")
+      return maps
+    # TransMatcher [B, N layers, h, w, d]; Transformer-Cross [B, 2 (neck, memory), h, w, d].
+    ndim = 5 if self.config.model.name in ("transmatcher", "transformer_cross") else 4
     if maps.ndim != ndim or maps.shape[-3:-1] != tuple(self.map_size):
       raise ValueError(f"{name} must be feature maps [N, {'L, ' * (ndim == 5)}"
                        f"{self.map_size[0]}, {self.map_size[1]}, d] from encode(); got shape "
@@ -219,6 +231,9 @@ class ReidModel:
     (`jaxreid.matchers.transmatcher.correspondences`: fc1 and the sigmoid(R_n) prior applied as
     in the decoder). Keys: probe_to_gallery, probe_to_gallery_score, gallery_to_probe,
     gallery_to_probe_score. Meant for a few pairs at a time (memory P·G·L·(h*w)²)."""
+    if self.config.model.name not in ("qaconv", "transmatcher"):
+      raise ValueError(f"{self.config.model.name} has no local correspondences to draw (its "
+                       "scores are not a max over location pairs); use QAConv or TransMatcher.")
     probe = self._check_maps(probe_maps, "probe_maps")
     gallery = self._check_maps(gallery_maps, "gallery_maps")
     if self.config.model.name == "transmatcher":
@@ -234,3 +249,68 @@ class ReidModel:
   def score(self, probe_images, gallery_images, **kwargs) -> np.ndarray:
     """`match(encode(probe_images), encode(gallery_images))`."""
     return self.match(self.encode(probe_images), self.encode(gallery_images), **kwargs)
+
+
+def load_nformer(checkpoint, *, heads: int = 2) -> "NFormerModel":
+  """The NFormer head (stage 2) of `checkpoint`: the official bare state dict
+  (`nformer_model.pth`; layers, dim and ffn read from the shapes, `heads` is not in it), or a
+  jaxreid NFormer run: its workdir, its `nformer/` directory or a checkpoint directory in it."""
+  from jaxreid.nformer_train import STAGE2_DIR
+  path = Path(os.path.expanduser(str(checkpoint)))
+  if not path.exists():
+    raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+  if not path.is_dir():
+    arch, variables = convert.nformer_from_official(convert.read_state_dict(path), heads=heads)
+    return NFormerModel(ml_collections.ConfigDict(dict(k=20, num_landmarks=5, block=2048,
+                                                       landmark_seed=0, **arch)), variables)
+  from jaxreid import checkpoint as ckpt
+  if (path / STAGE2_DIR).is_dir():
+    path = path / STAGE2_DIR
+  saved, variables = ckpt.restore_for_eval(str(path))
+  if "nformer" not in saved:
+    raise ValueError(f"{path} is a checkpoint of '{saved.model.name}', not of NFormer stage 2; "
+                     "pass an NFormer run's workdir or its nformer/ directory.")
+  return NFormerModel(saved.nformer, variables)
+
+
+class NFormerModel:
+  """A loaded NFormer head: `refine(features [N, dim])` → post-BN refined vectors [N, dim].
+
+  Attributes: `config` (the nformer settings: layers, dim, ffn, heads, k, num_landmarks, …),
+  `variables`, `module` (NFormer without its classifier)."""
+
+  def __init__(self, nf_config, variables):
+    from jaxreid.nformer_train import build_head
+    self.config = nf_config
+    self.module = build_head(nf_config, 0)
+    self.variables = jax.device_put({
+        "params": {k: v for k, v in variables["params"].items() if k != "classifier"},
+        "batch_stats": variables["batch_stats"]})
+    n = max(self.module.k, self.module.num_landmarks)
+    expected = jax.eval_shape(lambda: self.module.init(
+        jax.random.key(0), np.zeros((n, self.module.dim), np.float32), jax.random.key(0)))
+    convert.check_variables(expected, self.variables, "The NFormer checkpoint")
+
+  def __repr__(self):
+    m = self.module
+    return (f"NFormerModel(layers={m.layers}, dim={m.dim}, heads={m.heads}, ffn={m.ffn}, "
+            f"k={m.k}, landmarks={m.num_landmarks})")
+
+  def refine(self, features, num_landmarks: int | None = None, num_queries: int | None = None,
+             *, landmark_seed: int | None = None, normalize: bool = True) -> np.ndarray:
+    """Post-BN NFormer outputs of the set `features` [N, dim] (L2-normalised first unless
+    `normalize=False`). With `num_queries`, the first rows are queries that attend to no other
+    query (paper); without, the whole set interacts (official code). Landmarks come from a fixed
+    key (`landmark_seed`, default the config's), so repeated calls agree."""
+    from jaxreid.nformer import l2_normalize
+    features = np.asarray(features, np.float32)
+    if features.ndim != 2 or features.shape[1] != self.module.dim:
+      raise ValueError(f"features must be [N, {self.module.dim}]; got shape {features.shape}.")
+    module = self.module
+    if num_landmarks is not None:
+      module = module.clone(num_landmarks=int(num_landmarks))
+    seed = self.config.get("landmark_seed", 0) if landmark_seed is None else landmark_seed
+    x = l2_normalize(features) if normalize else features
+    _, post, _ = module.apply(self.variables, x, jax.random.key(int(seed)),
+                              num_queries=int(num_queries or 0))
+    return np.asarray(post)

@@ -60,8 +60,11 @@ def ranking_summary(metrics: dict) -> dict:
   return out
 
 
-def evaluate_matcher(config, model, variables, mesh, workdir=None) -> dict:
+def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) -> dict:
   """Results of every test set in `config.dataset.test`, each reported separately.
+
+  `refine(q, g) → (q', g')`, if given, transforms the extracted query and gallery features of a
+  test set before scoring (NFormer's set refinement).
 
   With eval.rerank / eval.tlift on, a test set's entry also has `rows`: the metrics of the plain
   scores and of each post-processing, in the QAConv paper's Table 2 order (plain, +TLift, +RR,
@@ -80,6 +83,8 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None) -> dict:
     title = name if test_config is None else f"{name}/{test_config}"
     q = extract(model, variables, query, config, mesh, desc=f"{title}: query")
     g = extract(model, variables, gallery, config, mesh, desc=f"{title}: gallery")
+    if refine is not None:
+      q, g = refine(q, g)
     score = functools.partial(score_matrix, match_fn(model), variables, tile_p=config.eval.tile_p,
                               tile_g=config.eval.tile_g, mesh=mesh, progress=True)
     rows, notes = {}, []

@@ -41,3 +41,31 @@ def pair_accuracy(logits, labels):
   """Fraction of in-batch pairs whose sign of the logit matches same/different id."""
   same = labels[:, None] == labels[None, :]
   return jnp.mean((logits > 0) == same)
+
+
+def cross_entropy_label_smooth(logits, labels, epsilon: float = 0.1):
+  """Cross-entropy against (1 - ε)·one-hot + ε/C (Szegedy et al.), mean over the batch."""
+  num_classes = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), epsilon)
+  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+
+def euclidean_distances(x):
+  """[B, D] → [B, B] Euclidean distances (clamped at 1e-12 before the square root, as
+  reid-strong-baseline)."""
+  x = x.astype(jnp.float32)
+  sq = jnp.sum(x * x, -1)
+  d2 = sq[:, None] + sq[None, :] - 2.0 * x @ x.T
+  return jnp.sqrt(jnp.maximum(d2, 1e-12))
+
+
+def batch_hard_triplet_loss(features, labels, margin: float = 0.3):
+  """Batch-hard triplet loss (Hermans et al.) on Euclidean distances of `features` [B, D]:
+  `triplet_score_loss` on the negated distances."""
+  return triplet_score_loss(-euclidean_distances(features), labels, margin)
+
+
+def center_loss(features, labels, centers):
+  """Center loss (Wen et al.): mean over the batch of ‖f_i − c_{y_i}‖², centers [C, D]."""
+  diff = features.astype(jnp.float32) - centers[labels]
+  return jnp.mean(jnp.sum(diff * diff, -1))

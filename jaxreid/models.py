@@ -1,9 +1,12 @@
 """Method registry: builds the Flax model of a config.
 
-A pairwise matcher model has two entry points, `encode(images) → maps [B, h, w, d]` (TransMatcher:
-one map per decoder layer, [B, N, h, w, d]) and `match(probe_maps, gallery_maps) → logits [P, G]`;
-its variables are `{"encoder": {"backbone", "neck_conv", …}, "matcher": …}` in both `params` and
-`batch_stats`.
+Every model has two entry points the evaluation engine uses, `encode(images)` and
+`match(probe, gallery) → scores [P, G]` (higher = more similar):
+- a pairwise matcher encodes feature maps [B, h, w, d] (TransMatcher: one map per decoder layer,
+  [B, N, h, w, d]) and matches pairs of maps; variables `{"encoder": {"backbone", "neck_conv",
+  …}, "matcher": …}`;
+- an embedding model (`EmbeddingModel`) encodes vectors [B, D] and matches by cosine similarity;
+  variables `{"encoder": {"backbone", …}, "head": …}`.
 """
 import functools
 from typing import Any
@@ -12,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxreid import poolings
 from jaxreid.backbones.resnet import ResNet
 from jaxreid.matchers.qaconv import QAConv
 from jaxreid.matchers.transmatcher import TransformerEncoderLayer, TransMatcher
@@ -21,7 +25,6 @@ INPUT_NORMS = {  # (mean, std) applied to [0, 1] pixels
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "half": (0.5, 0.5),
 }
-MATCHER_METHODS = ("qaconv", "transmatcher")
 
 
 def to_unit_range(images):
@@ -115,6 +118,60 @@ class PairwiseModel(nn.Module):
     return self.match(maps, maps, train)
 
 
+class EmbeddingHead(nn.Module):
+  """Feature map → global vector: `pooling` (a `jaxreid.poolings` module), Linear(C→dim)
+  `projection` (if dim), BNNeck `bottleneck` (BatchNorm1d with a frozen zero bias,
+  reid-strong-baseline), bias-free `classifier` over the training ids when `num_classes` > 0.
+
+  Returns (pre-BN vector, post-BN vector, logits or None)."""
+  pooling: nn.Module
+  dim: int = 256
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, maps, train: bool = False):
+    x = self.pooling(maps).astype(jnp.float32)
+    if self.dim:
+      x = nn.Dense(self.dim, name="projection")(x)
+    post = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        use_bias=False, name="bottleneck")(x)
+    logits = None
+    if self.num_classes:
+      logits = nn.Dense(self.num_classes, use_bias=False, name="classifier",
+                        kernel_init=nn.initializers.normal(0.001))(post)
+    return x, post, logits
+
+
+class EmbeddingModel(nn.Module):
+  """A feature-map encoder plus a global head: `encode` → post-BN vectors [B, D] (the official
+  eval features), `match` → cosine similarities [P, G], `train_outputs` → (pre-BN vectors for the
+  metric losses, classifier logits)."""
+  encoder: nn.Module
+  head: nn.Module
+
+  def encode(self, images, train: bool = False):
+    return self.head(self.encoder(images, train), train)[1]
+
+  def train_outputs(self, images):
+    pre, _, logits = self.head(self.encoder(images, True), True)
+    return pre, logits
+
+  def match(self, probe, gallery, train: bool = False):
+    return cosine_similarity(probe, gallery)
+
+  def __call__(self, images, train: bool = False):
+    pre, post, logits = self.head(self.encoder(images, train), train)
+    return post
+
+
+def cosine_similarity(a, b):
+  """[P, D] × [G, D] → [P, G] cosine similarities."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, -1, keepdims=True), 1e-24))
+  b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, -1, keepdims=True), 1e-24))
+  return a @ b.T
+
+
 def feature_map_size(model_cfg, height: int, width: int) -> tuple[int, int]:
   """Spatial size of the encoder output for an input of height × width."""
   last = 32 if model_cfg.get("last_stride", 2) == 2 else 16
@@ -122,18 +179,20 @@ def feature_map_size(model_cfg, height: int, width: int) -> tuple[int, int]:
   return -(-height // stride), -(-width // stride)
 
 
-def build_model(config) -> PairwiseModel:
+def build_model(config) -> nn.Module:
   """The model of `config.model` for inputs of `config.data.height × width`."""
   m = config.model
-  if m.name not in MATCHER_METHODS:
-    raise ValueError(f"model.name={m.name!r} is unknown; known methods: {MATCHER_METHODS}.")
+  if m.name not in METHODS:
+    raise ValueError(f"model.name={m.name!r} is unknown; known methods: {sorted(METHODS)}.")
   dtype = jnp.bfloat16 if config.get("train", {}).get("bf16", False) else jnp.float32
   common = dict(depth=m.depth, ibn=m.ibn, final_layer=m.final_layer,
                 last_stride=m.get("last_stride", 2), width=m.get("width", 64),
                 freeze_bn=m.freeze_bn, neck=m.neck, input_norm=m.input_norm, dtype=dtype)
   h, w = feature_map_size(m, config.data.height, config.data.width)
-  if m.name == "transmatcher":
-    return _transmatcher(m, common, h, w)
+  return METHODS[m.name](m, common, h, w)
+
+
+def _qaconv(m, common: dict, h: int, w: int) -> PairwiseModel:
   return PairwiseModel(encoder=FeatureMapEncoder(**common), matcher=QAConv(h, w, m.head))
 
 
@@ -149,7 +208,45 @@ def _transmatcher(m, common: dict, h: int, w: int) -> PairwiseModel:
   return PairwiseModel(encoder=encoder, matcher=matcher)
 
 
-def init_variables(model: PairwiseModel, rng, height: int, width: int):
+POOLINGS = ("gap", "vit", "decoder")
+
+
+def _embedding(m, common: dict, h: int, w: int) -> "EmbeddingModel":
+  kind = m.get("pooling", "gap")
+  if kind not in POOLINGS:
+    raise ValueError(f"model.pooling={kind!r} is unknown; use one of {POOLINGS}.")
+  if kind != "gap" and not m.neck:
+    raise ValueError(f"model.pooling={kind!r} needs a neck (model.neck = d > 0).")
+  if kind == "gap":
+    pooling = poolings.GlobalAveragePooling()
+  else:
+    layers = dict(num_layers=m.num_layers, heads=m.heads, ffn=m.ffn, pos_embed=m.pos_embed,
+                  dtype=common["dtype"])
+    pooling = (poolings.ClassTokenEncoder(**layers) if kind == "vit" else
+               poolings.LearnedQueryDecoder(**layers, num_queries=m.num_queries))
+  head = EmbeddingHead(pooling, m.embed_dim, m.get("num_classes", 0))
+  encoder = FeatureMapEncoder(**common, normalize=m.get("normalize", False))
+  return EmbeddingModel(encoder=encoder, head=head)
+
+
+# Imported here, not at the top: transformer_pairs subclasses the encoders defined above.
+from jaxreid.matchers.transformer_pairs import (  # noqa: E402
+    _transformer_cat, _transformer_cross)
+
+# model.name → builder(model config, common encoder fields, map height, map width).
+METHODS = {"qaconv": _qaconv, "transmatcher": _transmatcher, "embedding": _embedding,
+           "transformer_cat": _transformer_cat, "transformer_cross": _transformer_cross}
+
+
+EMBEDDING_METHODS = ("embedding",)
+
+
+def is_embedding(model_cfg) -> bool:
+  """Whether `model.name` is an embedding method (vectors, cosine scores) or a pairwise matcher."""
+  return model_cfg.name in EMBEDDING_METHODS
+
+
+def init_variables(model: nn.Module, rng, height: int, width: int):
   """Variables for every submodule (encoder and matcher), from two dummy images (jitted: eager
   init of a ResNet takes seconds of op-by-op dispatch)."""
   images = jnp.zeros((2, height, width, 3), jnp.float32)

@@ -8,6 +8,9 @@ restricts row i's softmax to its reciprocal top-k neighbours of the input cosine
 N×N array ever exists: memory is O(N·k·d) plus one row block's transients, which runs MSMT17's
 query+gallery (N ≈ 93.8k) on a CPU in a few GB.
 
+The module `NFormer` is the official one: the blocks, then BNNeck `bottleneck` (BatchNorm1d, frozen
+zero bias) and the bias-free `classifier`; its eval output is the post-BN vector.
+
 Parameter names follow the official checkpoint (`h.{i}.attn.c_attn.w` ↔
 params['h_{i}']['attn']['c_attn']['kernel'], same (in, out) layout; LayerNorm g/b ↔ scale/bias).
 """
@@ -19,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["NFormer", "reciprocal_neighbours", "sample_landmarks", "nformer_apply"]
+__all__ = ["NFormer", "l2_normalize", "reciprocal_neighbours", "sample_landmarks",
+           "nformer_apply"]
 
 
 def _pad_rows(x, multiple, value=0):
@@ -137,7 +141,7 @@ def _forward(params, x, idx, mask, landmarks, num_queries, heads, block, eps):
 
 def nformer_apply(params, features, landmarks, *, num_queries=0, k=20, heads=2, block=2048,
                   neighbours=None, eps=1e-5):
-  """NFormer forward as a pure function of `params` (the 'params' collection of `NFormer`).
+  """The NFormer blocks as a pure function of `params` ({"h_0": …, "h_{L-1}": …} of `NFormer`).
   features [N, d]; landmarks [l] row indices (see `sample_landmarks`); the first `num_queries`
   rows are queries that attend to no other query; k is clipped to N; neighbours = (idx, mask) from
   `reciprocal_neighbours(features, k)` unless given. Returns [N, d]."""
@@ -183,35 +187,6 @@ class _Group(nn.Module):
     return {name: _Linear(i, o, name=name)() for name, i, o in self.shapes}
 
 
-class NFormer(nn.Module):
-  """NFormer: `layers` post-LN blocks (LAA + RNS attention, GELU FFN) over a set of N features.
-
-  __call__(features [N, dim], landmark_key, num_queries=0, neighbours=None) -> [N, dim]. The
-  landmark rows are drawn from `landmark_key` (a fixed key gives reproducible outputs); the
-  reciprocal top-k neighbours of the input are computed once and shared by all blocks. Rows are
-  processed `block` at a time (one compiled shape), so memory is O(N·k·dim + block·N)."""
-  dim: int = 256
-  heads: int = 2
-  ffn: int = 1024
-  layers: int = 4
-  k: int = 20
-  num_landmarks: int = 5
-  block: int = 2048
-  eps: float = 1e-5
-
-  @nn.compact
-  def __call__(self, features, landmark_key, num_queries=0, neighbours=None):
-    if self.dim % self.heads:
-      raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
-    d = self.dim
-    params = {}
-    for i in range(self.layers):
-      params[f"h_{i}"] = _Block(d, self.ffn, name=f"h_{i}")()
-    landmarks = sample_landmarks(landmark_key, features.shape[0], self.num_landmarks)
-    return nformer_apply(params, features, landmarks, num_queries=num_queries, k=self.k,
-                         heads=self.heads, block=self.block, neighbours=neighbours, eps=self.eps)
-
-
 class _Block(nn.Module):
   dim: int
   ffn: int
@@ -223,3 +198,57 @@ class _Block(nn.Module):
             "ln_1": _LayerNormParams(d, name="ln_1")(),
             "mlp": _Group((("c_fc", d, self.ffn), ("c_proj", self.ffn, d)), name="mlp")(),
             "ln_2": _LayerNormParams(d, name="ln_2")()}
+
+
+def l2_normalize(x, eps=1e-12):
+  """Rows of x divided by their L2 norm (torch.nn.functional.normalize)."""
+  x = jnp.asarray(x, jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class NFormer(nn.Module):
+  """The official NFormer module: `layers` blocks (as `NFormer`, same parameter names h_{i}),
+  then BNNeck `bottleneck` (BatchNorm1d without a bias: the official bias is frozen at zero) and
+  a bias-free `classifier` over the training ids when `num_classes` > 0.
+
+  __call__(features, landmark_key, num_queries=0, neighbours=None, train=False) ->
+  (pre-BN, post-BN, logits or None), each with the leading shape of `features`: one set [N, dim],
+  or several [P, S, dim] (training: each set is its own attention context with its own landmarks
+  from `landmark_key`, BN statistics over all P·S rows, as the official batch of sets). BN uses
+  the batch statistics when `train` (batch_stats mutable), running statistics otherwise; the
+  logits are computed in training only (evaluation ranks the post-BN vectors)."""
+  dim: int = 256
+  heads: int = 2
+  ffn: int = 1024
+  layers: int = 4
+  k: int = 20
+  num_landmarks: int = 5
+  num_classes: int = 0
+  block: int = 2048
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, features, landmark_key, num_queries=0, neighbours=None, train=False):
+    if self.dim % self.heads:
+      raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
+    params = {f"h_{i}": _Block(self.dim, self.ffn, name=f"h_{i}")() for i in range(self.layers)}
+    sets = features if features.ndim == 3 else features[None]
+    if sets.ndim != 3 or (neighbours is not None and features.ndim == 3):
+      raise ValueError(f"features must be [N, dim] (neighbours allowed) or [P, S, dim]; got "
+                       f"shape {features.shape}")
+    n = sets.shape[1]
+    keys = jax.random.split(landmark_key, sets.shape[0]) if features.ndim == 3 else [landmark_key]
+    pre = jnp.stack([
+        nformer_apply(params, x, sample_landmarks(key, n, min(self.num_landmarks, n)),
+                      num_queries=num_queries, k=self.k, heads=self.heads, block=self.block,
+                      neighbours=neighbours, eps=self.eps)
+        for x, key in zip(sets, keys)]).reshape(features.shape)
+    flat = pre.reshape(-1, self.dim)
+    post = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        use_bias=False, name="bottleneck")(flat)
+    logits = None
+    if self.num_classes and (train or self.is_initializing()):
+      logits = nn.Dense(self.num_classes, use_bias=False, name="classifier",
+                        kernel_init=nn.initializers.normal(0.001))(post)
+      logits = logits.reshape(features.shape[:-1] + (self.num_classes,))
+    return pre, post.reshape(features.shape), logits

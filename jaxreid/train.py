@@ -19,9 +19,10 @@ from jaxreid.data import datasets, pipeline
 from jaxreid import samplers
 from jaxreid.evaluate import evaluate_matcher, extract, match_fn, write_results
 from jaxreid.eval.scoring import score_matrix
-from jaxreid.models import build_model, feature_map_size, init_variables
+from jaxreid.models import build_model, feature_map_size, init_variables, is_embedding
 
-LOSSES = ("pairwise", "triplet", "memory")
+LOSSES = ("pairwise", "triplet", "memory", "embedding")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @flax.struct.dataclass
@@ -30,7 +31,7 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  memory: Any          # class memory dict, or {} when the loss needs none
+  memory: Any          # class memory / centre-loss centres dict, or {} when the loss needs none
   rng: jax.Array
 
 
@@ -45,30 +46,55 @@ def _group_labels(params, groups: dict[str, tuple[str, ...]]):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-LR_GROUPS = {"backbone": (("encoder", "backbone"),), "new": (("encoder",), ("matcher",))}
-CLIP_GROUPS = {"features": (("encoder",),), "matcher": (("matcher",),)}
+NEW_MODULES = (("encoder",), ("matcher",), ("head",))
+LR_GROUPS = {"backbone": (("encoder", "backbone"),), "new": NEW_MODULES}
+# The feature side (backbone, neck, encoders) and what scores its output (matcher or head).
+CLIP_GROUPS = {"features": (("encoder",),), "head": (("matcher",), ("head",))}
+
+
+def lr_schedule(train_cfg, steps_per_epoch: int):
+  """step → lr: ×lr_step_factor at each of lr_step_epochs, after a linear warmup over
+  `warmup_epochs` from warmup_factor·lr, the factor updated once per epoch (reid-strong-baseline's
+  WarmupMultiStepLR)."""
+  milestones = jnp.asarray(sorted(train_cfg.lr_step_epochs) or [1 << 30])
+  warmup = train_cfg.get("warmup_epochs", 0)
+  start = train_cfg.get("warmup_factor", 1.0)
+
+  def schedule(step):
+    epoch = step // steps_per_epoch
+    decay = train_cfg.lr_step_factor ** jnp.sum(epoch >= milestones)
+    if not warmup:
+      return train_cfg.lr * decay
+    alpha = jnp.minimum(epoch / warmup, 1.0)
+    return train_cfg.lr * decay * (start * (1 - alpha) + alpha)
+
+  return schedule
 
 
 def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Per-group gradient-norm clipping (features, matcher) → weight decay → SGD with nesterov
-  momentum and a step schedule; the backbone's lr is scaled by `backbone_lr_mult`."""
-  boundaries = {int(e * steps_per_epoch): train_cfg.lr_step_factor
-                for e in train_cfg.lr_step_epochs}
-  schedule = optax.piecewise_constant_schedule(train_cfg.lr, boundaries)
+  """Per-group gradient-norm clipping (features, head) → weight decay (L2, added to the gradient)
+  → SGD with nesterov momentum or Adam, on `lr_schedule`; the backbone's lr is scaled by
+  `backbone_lr_mult`."""
+  kind = train_cfg.get("optimizer", "sgd")
+  if kind not in OPTIMIZERS:
+    raise ValueError(f"train.optimizer={kind!r} is unknown; use one of {OPTIMIZERS}.")
+  schedule = lr_schedule(train_cfg, steps_per_epoch)
 
-  def sgd(mult):
-    return optax.sgd(lambda step: schedule(step) * mult, momentum=train_cfg.momentum,
-                     nesterov=train_cfg.nesterov)
+  def optimizer(mult):
+    lr = lambda step: schedule(step) * mult
+    if kind == "adam":
+      return optax.adam(lr)
+    return optax.sgd(lr, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)
 
   clip = (optax.clip_by_global_norm(train_cfg.clip_norm) if train_cfg.clip_norm > 0
           else optax.identity())
   clip_labels = functools.partial(_group_labels, groups=CLIP_GROUPS)
   lr_labels = functools.partial(_group_labels, groups=LR_GROUPS)
   return optax.chain(
-      optax.multi_transform({"features": clip, "matcher": clip}, clip_labels),
+      optax.multi_transform({"features": clip, "head": clip}, clip_labels),
       optax.add_decayed_weights(train_cfg.weight_decay),
-      optax.multi_transform({"backbone": sgd(train_cfg.backbone_lr_mult), "new": sgd(1.0)},
-                            lr_labels))
+      optax.multi_transform({"backbone": optimizer(train_cfg.backbone_lr_mult),
+                             "new": optimizer(1.0)}, lr_labels))
 
 
 def create_train_state(config, model, tx, num_classes: int, rng) -> TrainState:
@@ -85,6 +111,9 @@ def create_train_state(config, model, tx, num_classes: int, rng) -> TrainState:
   if config.train.loss == "memory":
     h, w = feature_map_size(config.model, config.data.height, config.data.width)
     memory = class_memory.init_class_memory(num_classes, (h, w, config.model.neck))
+  elif config.train.loss == "embedding":
+    dim = params["head"]["bottleneck"]["scale"].shape[0]
+    memory = {"centers": jax.random.normal(jax.random.fold_in(init_rng, 1), (num_classes, dim))}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=batch_stats, opt_state=tx.init(params),
                     memory=memory, rng=state_rng)
@@ -113,6 +142,8 @@ def make_train_step(model, tx, train_cfg):
 
   def loss_fn(params, state, batch):
     variables = {"params": params, "batch_stats": state.batch_stats}
+    if train_cfg.loss == "embedding":
+      return embedding_loss(variables, state, batch)
     maps, upd = model.apply(variables, batch["image"], train=True, method="encode",
                             mutable=["batch_stats"])
     variables = {"params": params, "batch_stats": upd["batch_stats"]}
@@ -134,6 +165,20 @@ def make_train_step(model, tx, train_cfg):
       acc = losses.pair_accuracy(logits, labels)
     return loss, (upd["batch_stats"], jax.lax.stop_gradient(maps), acc)
 
+  def embedding_loss(variables, state, batch):
+    """Label-smoothed CE on the classifier + `triplet_weight`·batch-hard triplet and
+    `center_weight`·center loss on the pre-BN vectors (NFormer stage 1 / reid-strong-baseline)."""
+    (features, logits), upd = model.apply(variables, batch["image"], method="train_outputs",
+                                          mutable=["batch_stats"])
+    labels = batch["label"]
+    loss = (losses.cross_entropy_label_smooth(logits, labels, train_cfg.label_smoothing)
+            + train_cfg.triplet_weight * losses.batch_hard_triplet_loss(
+                features, labels, train_cfg.triplet_margin)
+            + train_cfg.center_weight * losses.center_loss(features, labels,
+                                                           state.memory["centers"]))
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, (upd["batch_stats"], jax.lax.stop_gradient(features), acc)
+
   def train_step(state: TrainState, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (batch_stats, maps, acc)), grads = grad_fn(state.params, state, batch)
@@ -142,6 +187,10 @@ def make_train_step(model, tx, train_cfg):
     memory = state.memory
     if train_cfg.loss == "memory":
       memory = class_memory.overwrite(memory, maps, batch["label"])
+    elif train_cfg.loss == "embedding":  # centres: plain SGD on the unweighted center loss
+      center_grad = jax.grad(losses.center_loss, argnums=2)(maps, batch["label"],
+                                                            memory["centers"])
+      memory = {"centers": memory["centers"] - train_cfg.center_lr * center_grad}
     metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, memory=memory)
@@ -187,6 +236,10 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
   parallel.check_divisible(config.data.batch_size, mesh, "data.batch_size")
   train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir,
                                     manual_dir=config.dataset.manual_dir)
+  if is_embedding(config.model) and not config.model.get("num_classes"):
+    with config.unlocked():  # the classifier covers the training ids; saved with the config
+      config.model.num_classes = train_split.num_classes
+    (workdir / "config.json").write_text(config.to_json(indent=2))
   model = build_model(config)
   sampler = make_sampler(config, train_split)
   n_steps = sampler.num_batches

@@ -1,5 +1,6 @@
 """NFormer: the gathered (O(N·k)) LAA + RNS against dense N×N NumPy references of their definitions."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -58,10 +59,18 @@ def random_params(layers=2, seed=0, scale=0.3, qkv_scale=0.12):
   """Parameters with attention logits O(1): weights neither uniform nor one-hot."""
   model = NFormer(dim=D, heads=HEADS, ffn=64, layers=layers)
   params = model.init(jax.random.key(seed), features(8), jax.random.key(0))["params"]
+  params = {k: v for k, v in params.items() if k.startswith("h_")}   # the blocks only
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map_with_path(
       lambda path, a: a + (qkv_scale if "c_attn" in jax.tree_util.keystr(path) else scale)
       * rng.standard_normal(a.shape).astype(np.float32), params)
+
+
+def blocks_output(model, params, x, key, **kwargs):
+  """The module's pre-BN output (its blocks) with block parameters `params`."""
+  variables = {"params": {**params, "bottleneck": {"scale": jnp.ones(D)}},
+               "batch_stats": {"bottleneck": {"mean": jnp.zeros(D), "var": jnp.ones(D)}}}
+  return model.apply(variables, x, key, **kwargs)[0]
 
 
 def test_reciprocal_neighbours_equals_brute_force():
@@ -105,9 +114,9 @@ def test_rns_gather_equals_dense_masked_softmax_with_isolated_rows():
 def test_all_landmarks_makes_output_independent_of_the_key():
   x = features(40, seed=5)
   model = NFormer(dim=D, heads=HEADS, ffn=64, layers=2, k=6, num_landmarks=40, block=16)
-  variables = {"params": random_params(2, seed=6)}
-  a = model.apply(variables, x, jax.random.key(1))
-  b = model.apply(variables, x, jax.random.key(2))
+  params = random_params(2, seed=6)
+  a = blocks_output(model, params, x, jax.random.key(1))
+  b = blocks_output(model, params, x, jax.random.key(2))
   assert not np.array_equal(np.asarray(sample_landmarks(jax.random.key(1), 40, 40)),
                             np.asarray(sample_landmarks(jax.random.key(2), 40, 40)))
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
@@ -116,10 +125,10 @@ def test_all_landmarks_makes_output_independent_of_the_key():
 def test_same_key_same_output_and_landmarks_matter():
   x = features(120, seed=7)
   model = NFormer(dim=D, heads=HEADS, ffn=64, layers=2, k=8, block=50)
-  variables = {"params": random_params(2, seed=8)}
-  a = np.asarray(model.apply(variables, x, jax.random.key(3)))
-  b = np.asarray(model.apply(variables, x, jax.random.key(3)))
-  c = np.asarray(model.apply(variables, x, jax.random.key(4)))
+  params = random_params(2, seed=8)
+  a = np.asarray(blocks_output(model, params, x, jax.random.key(3)))
+  b = np.asarray(blocks_output(model, params, x, jax.random.key(3)))
+  c = np.asarray(blocks_output(model, params, x, jax.random.key(4)))
   np.testing.assert_array_equal(a, b)
   assert np.abs(a - c).max() > 1e-3
 
@@ -187,7 +196,7 @@ def test_gradients_are_finite_with_masked_neighbours():
   x = features(64, seed=17)
   model = NFormer(dim=D, heads=HEADS, ffn=64, layers=2, k=8, block=32)
   params = random_params(2, seed=18)
-  loss = lambda p, f: (model.apply({"params": p}, f, jax.random.key(0), num_queries=10) ** 2).sum()
+  loss = lambda p, f: (blocks_output(model, p, f, jax.random.key(0), num_queries=10) ** 2).sum()
   gp, gx = jax.grad(loss, argnums=(0, 1))(params, x)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(gp))
   assert np.isfinite(np.asarray(gx)).all() and np.abs(np.asarray(gx)).max() > 0

@@ -47,11 +47,34 @@ def occlude(image: np.ndarray, rng: np.random.Generator, max_fraction: float = 0
   return image
 
 
+ERASE_FILL = (125, 123, 114)  # reid-strong-baseline's fill, mean (0.4914, 0.4822, 0.4465) × 255
+
+
+def random_erase(image: np.ndarray, rng: np.random.Generator, *, area=(0.02, 0.4),
+                 aspect=0.3, attempts: int = 100) -> np.ndarray:
+  """Random erasing (Zhong et al. 2020): a rectangle of area fraction uniform in `area` and
+  aspect ratio uniform in [aspect, 1/aspect], filled with ERASE_FILL; after `attempts` draws that
+  do not fit, the image unchanged."""
+  height, width = image.shape[:2]
+  for _ in range(attempts):
+    target = rng.uniform(*area) * height * width
+    ratio = rng.uniform(aspect, 1 / aspect)
+    h, w = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+    if 0 < h < height and 0 < w < width:
+      y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+      image = image.copy()
+      image[y:y + h, x:x + w] = ERASE_FILL
+      return image
+  return image
+
+
 def train_transform(image: np.ndarray, rng: np.random.Generator, *, height: int, width: int,
                     pad: int = 10, flip: bool = True, rotate_deg: float = 5.0,
-                    color_jitter: bool = True, occlusion: bool = True) -> np.ndarray:
-  """QAConv's training augmentation: bicubic resize, zero-pad + random crop, horizontal flip
-  (p=0.5), rotation uniform in ±rotate_deg (nearest, zero fill), colour jitter, occlusion."""
+                    color_jitter: bool = True, occlusion: bool = True,
+                    random_erasing: float = 0.0) -> np.ndarray:
+  """Training augmentation: bicubic resize, zero-pad + random crop, horizontal flip (p=0.5),
+  rotation uniform in ±rotate_deg (nearest, zero fill), colour jitter, occlusion (QAConv), random
+  erasing with probability `random_erasing` (reid-strong-baseline)."""
   img = _resize(Image.fromarray(image), height, width)
   if pad > 0:
     img = ImageOps.expand(img, border=pad, fill=0)
@@ -66,6 +89,8 @@ def train_transform(image: np.ndarray, rng: np.random.Generator, *, height: int,
   out = np.asarray(img, np.uint8)
   if occlusion:
     out = occlude(out, rng)
+  if random_erasing and rng.random() < random_erasing:
+    out = random_erase(out, rng)
   return out
 
 

@@ -1,0 +1,37 @@
+"""ViT-style comparison model of the TransMatcher paper (Table 2): the TransMatcher feature side
+(backbone + neck to d) followed by a ViT encoder — learned class token and positional embedding,
+N post-LN encoder layers — whose class-token output is the image's embedding, trained by
+classification (label-smoothed CE over the training ids, BNNeck) and ranked by cosine similarity.
+Same data, sampler, optimiser and epochs as configs/transmatcher.py, so the two compare at the
+same budget. `configs/vit.py:table2` is the paper's Table 2 setting (d=512, D=2048, N=3).
+"""
+from configs import transmatcher
+
+
+def classification_fields(c, pooling: str):
+  """Turns a TransMatcher config into an embedding model with `pooling` trained by CE."""
+  c.model.name = "embedding"
+  c.model.pooling = pooling
+  c.model.embed_dim = 0             # BNNeck directly on the d-dim token output
+  c.model.num_classes = 0           # = the number of training ids
+  c.model.pos_embed = True          # ViT / the vanilla Transformer have positional codes
+  c.train.loss = "embedding"
+  c.train.label_smoothing = 0.1
+  c.train.triplet_weight = 0.0      # classification only
+  c.train.triplet_margin = 0.3
+  c.train.center_weight = 0.0
+  c.train.center_lr = 0.5
+  return c
+
+
+def base_for(model: str, setting: str):
+  """The TransMatcher config this comparison model starts from: `synthetic` or `table2`."""
+  if setting == "synthetic":
+    return transmatcher.get_config("synthetic")
+  if setting == "table2":
+    return transmatcher.table2_config(model)
+  raise ValueError(f"configs/{model}.py has no setting {setting!r}; use synthetic or table2.")
+
+
+def get_config(setting: str = "synthetic"):
+  return classification_fields(base_for("vit", setting), "vit")
