@@ -19,7 +19,8 @@ import numpy as np
 from jaxreid import convert
 from jaxreid.eval.scoring import score_matrix
 from jaxreid.evaluate import match_fn
-from jaxreid.models import build_model, feature_map_size, init_variables, is_embedding
+from jaxreid.models import (build_model, feature_map_size, init_variables, is_embedding,
+                            l2_normalize)
 
 CONVERTERS = {"qaconv": convert.qaconv_from_official,  # model.name → official converter
               "transmatcher": convert.transmatcher_from_official}
@@ -302,7 +303,6 @@ class NFormerModel:
     `normalize=False`). With `num_queries`, the first rows are queries that attend to no other
     query (paper); without, the whole set interacts (official code). Landmarks come from a fixed
     key (`landmark_seed`, default the config's), so repeated calls agree."""
-    from jaxreid.nformer import l2_normalize
     features = np.asarray(features, np.float32)
     if features.ndim != 2 or features.shape[1] != self.module.dim:
       raise ValueError(f"features must be [N, {self.module.dim}]; got shape {features.shape}.")

@@ -27,6 +27,12 @@ INPUT_NORMS = {  # (mean, std) applied to [0, 1] pixels
 }
 
 
+def l2_normalize(x, axis: int = -1):
+  """x / ‖x‖ along `axis` in float32 (‖x‖ floored at 1e-12, torch.nn.functional.normalize)."""
+  x = jnp.asarray(x, jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis, keepdims=True), 1e-24))
+
+
 def to_unit_range(images):
   """uint8 [0, 255] or float [0, 1] images → float32 [0, 1]."""
   if images.dtype == jnp.uint8:
@@ -50,9 +56,7 @@ class FeatureMapEncoder(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     x = self.neck_output(images, train).astype(jnp.float32)
-    if not self.normalize:
-      return x
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
+    return l2_normalize(x) if self.normalize else x
 
   def neck_output(self, images, train: bool):
     """Backbone + neck conv (submodules `backbone`, `neck_conv` of this module)."""
@@ -90,7 +94,7 @@ class TransformerMapEncoder(FeatureMapEncoder):
                        f"({self.num_layers - 1}) or model.num_layers ({self.num_layers}).")
     x = self.neck_output(images, train).astype(jnp.float32)
     if self.normalize:
-      x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
+      x = l2_normalize(x)
     if self.pos_embed:
       x = x + self.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:], jnp.float32)
     b, h, w, d = x.shape
@@ -166,10 +170,7 @@ class EmbeddingModel(nn.Module):
 
 def cosine_similarity(a, b):
   """[P, D] × [G, D] → [P, G] cosine similarities."""
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, -1, keepdims=True), 1e-24))
-  b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, -1, keepdims=True), 1e-24))
-  return a @ b.T
+  return l2_normalize(a) @ l2_normalize(b).T
 
 
 def feature_map_size(model_cfg, height: int, width: int) -> tuple[int, int]:

@@ -20,9 +20,10 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-__all__ = ["NFormer", "l2_normalize", "reciprocal_neighbours", "sample_landmarks",
+from jaxreid.models import l2_normalize
+
+__all__ = ["NFormer", "reciprocal_neighbours", "sample_landmarks",
            "nformer_apply"]
 
 
@@ -36,7 +37,7 @@ def _pad_rows(x, multiple, value=0):
 @partial(jax.jit, static_argnames=("k", "block"))
 def _topk_blocked(x, k, block):
   n = x.shape[0]
-  x = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  x = l2_normalize(x)
   rows = _pad_rows(x, block)
   starts = jnp.arange(rows.shape[0] // block) * block
 
@@ -200,14 +201,8 @@ class _Block(nn.Module):
             "ln_2": _LayerNormParams(d, name="ln_2")()}
 
 
-def l2_normalize(x, eps=1e-12):
-  """Rows of x divided by their L2 norm (torch.nn.functional.normalize)."""
-  x = jnp.asarray(x, jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 class NFormer(nn.Module):
-  """The official NFormer module: `layers` blocks (as `NFormer`, same parameter names h_{i}),
+  """The official NFormer module: `layers` blocks (parameters h_{i}, see `nformer_apply`),
   then BNNeck `bottleneck` (BatchNorm1d without a bias: the official bias is frozen at zero) and
   a bias-free `classifier` over the training ids when `num_classes` > 0.
 

@@ -26,8 +26,8 @@ from jaxreid import losses, parallel
 from jaxreid.checkpoint import Checkpointer, restore_for_eval
 from jaxreid.data import datasets, pipeline
 from jaxreid.evaluate import _jitted_encode, evaluate_matcher, extract, write_results
-from jaxreid.models import build_model
-from jaxreid.nformer import NFormer, l2_normalize
+from jaxreid.models import build_model, l2_normalize
+from jaxreid.nformer import NFormer
 from jaxreid.train import TrainState, _file_logger, train_and_evaluate
 
 STAGE2_DIR = "nformer"
@@ -63,17 +63,19 @@ def steps_per_epoch(nf, n: int) -> int:
 
 
 def sample_sets(features: np.ndarray, labels: np.ndarray, *, sets: int, size: int, seed: int,
-                step: int) -> dict:
+                step: int, unit: np.ndarray | None = None) -> dict:
   """The batch of training step `step`: `sets` sets of `size` rows, each drawn as the official
   NFormerDataset does: a random centre row, its ⌊size·(1+u)⌋ nearest rows by cosine
   similarity (u ~ U[0, 1), clipped to N), `size` of them at random, in random order.
-  Deterministic in (seed, step), so a resumed run draws the same sets.
+  Deterministic in (seed, step), so a resumed run draws the same sets. `unit`: the
+  L2-normalised `features`, when the caller has them (computed here otherwise).
   Returns {"features" float32 [sets, size, d], "labels" int32 [sets, size]}."""
   n = len(features)
   if not 1 <= size <= n:
     raise ValueError(f"set size {size} must lie in [1, {n}] (the number of training rows).")
   rng = np.random.default_rng([seed, step])
-  unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+  if unit is None:
+    unit = np.asarray(l2_normalize(features))
   rows = []
   for _ in range(sets):
     centre = int(rng.integers(n))
@@ -149,8 +151,9 @@ def train_stage2(config, features: np.ndarray, labels: np.ndarray, num_classes: 
   if views.shape[-1] != nf.dim:
     raise ValueError(f"nformer.dim={nf.dim} but the stage-1 features have {views.shape[-1]} "
                      "dimensions; set nformer.dim=0 to follow model.embed_dim.")
+  units = np.asarray(l2_normalize(views))   # the neighbour search of every step ranks by cosine
   if nf.normalize_train:
-    views = np.asarray(l2_normalize(views))
+    views = units
   n = views.shape[1]
   sets, size = set_shape(nf, n)
   per_epoch = steps_per_epoch(nf, n)
@@ -170,7 +173,8 @@ def train_stage2(config, features: np.ndarray, labels: np.ndarray, num_classes: 
              desc="nformer", leave=False, dynamic_ncols=True)
   try:
     for step in bar:
-      batch = sample_sets(views[(step // per_epoch) % len(views)], labels, sets=sets, size=size,
+      view = (step // per_epoch) % len(views)
+      batch = sample_sets(views[view], labels, sets=sets, size=size, unit=units[view],
                           seed=config.seed, step=step)
       state, metrics = step_fn(state, batch)
       done = step + 1

@@ -13,7 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxreid.matchers.transmatcher import TransformerEncoderLayer, xavier
+from jaxreid.matchers.transmatcher import (TransformerDecoderLayer, TransformerEncoderLayer,
+                                           xavier)
 
 
 class GlobalAveragePooling(nn.Module):
@@ -61,7 +62,6 @@ class LearnedQueryDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, maps):
-    from jaxreid.matchers.transformer_pairs import TransformerDecoderLayer
     memory = _tokens(self, maps, self.pos_embed)
     for i in range(self.num_layers):
       memory = TransformerEncoderLayer(self.heads, self.ffn, self.dtype,

@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import jaxreid  # noqa: E402
-from jaxreid.nformer import l2_normalize, sample_landmarks  # noqa: E402
+from jaxreid.models import l2_normalize  # noqa: E402
+from jaxreid.nformer import sample_landmarks  # noqa: E402
 
 DIM, HEADS, FFN, LAYERS, CLASSES = 32, 2, 48, 2, 7
 

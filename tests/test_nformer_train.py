@@ -9,7 +9,8 @@ from configs import nformer as nformer_config
 from jaxreid import nformer_train as nt
 from jaxreid.eval.metrics import evaluate_ranking
 from jaxreid.models import cosine_similarity
-from jaxreid.nformer import l2_normalize, sample_landmarks
+from jaxreid.models import l2_normalize
+from jaxreid.nformer import sample_landmarks
 from test_nformer import dense_forward, random_params   # the dense reference of the paper
 
 D = 32

@@ -12,15 +12,14 @@ paper (Liao & Shao, NeurIPS 2021, Sec. 4 and Table 2), as pairwise matchers.
 Neither has dropout. Every ≥2-D matcher parameter is xavier-uniform initialised, biases as
 PyTorch (as in `TransMatcher`).
 """
-import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxreid.matchers.qaconv import ScalarBatchNorm
-from jaxreid.matchers.transmatcher import TransformerEncoderLayer, torch_bias_init, xavier
+from jaxreid.matchers.transmatcher import (TransformerDecoderLayer, TransformerEncoderLayer,
+                                           dense_layer, xavier)
 from jaxreid.models import FeatureMapEncoder, PairwiseModel, TransformerMapEncoder
 
 
@@ -31,14 +30,9 @@ def _check_maps(name, probe, gallery, expected):
                      f"gallery {gallery.shape}.")
 
 
-def _dense(features, fan_in, dtype, name, zero_bias=False):
-  bias = nn.initializers.zeros if zero_bias else torch_bias_init(fan_in)
-  return nn.Dense(features, kernel_init=xavier, bias_init=bias, dtype=dtype, name=name)
-
-
 def _readout(x, train):
   """[P, G, d] pair vectors → Linear(d→1) `head` → scalar BN `norm` → logits [P, G]."""
-  x = _dense(1, x.shape[-1], jnp.float32, "head")(x.astype(jnp.float32))[..., 0]
+  x = dense_layer(1, x.shape[-1], jnp.float32, "head")(x.astype(jnp.float32))[..., 0]
   return ScalarBatchNorm(name="norm")(x, train)
 
 
@@ -91,64 +85,6 @@ class ProbeMemoryEncoder(TransformerMapEncoder):
   @nn.compact
   def __call__(self, images, train: bool = False):
     return super().__call__(images, train)[:, jnp.array([0, self.num_layers - 1])]
-
-
-class Attention(nn.Module):
-  """Multi-head attention (torch nn.MultiheadAttention maths, separate `query` / `key_value`
-  projections) of queries x against `memory` [G, T, d].
-
-  x [P, S, d] (the same queries for every memory) or [P, G, S, d] (one set per pair) → [P, G,
-  S, d]; with memory=None, self-attention of x [..., S, d] → [..., S, d]. The memory's key/value
-  projection runs once per gallery map, and that of x [P, S, d] once per probe map."""
-  heads: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, memory=None):
-    d = x.shape[-1]
-    if d % self.heads:
-      raise ValueError(f"model.neck={d} is not divisible by model.heads={self.heads}.")
-    split = lambda t: t.reshape(t.shape[:-1] + (self.heads, d // self.heads))
-    q = split(_dense(d, d, self.dtype, "query", zero_bias=True)(x))
-    k, v = jnp.split(_dense(2 * d, d, self.dtype, "key_value", zero_bias=True)(
-        x if memory is None else memory), 2, axis=-1)
-    k, v = split(k), split(v)
-    if memory is None:
-      spec = ("...shc,...thc->...hst", "...hst,...thc->...shc")
-    elif x.ndim == 3:
-      spec = ("pshc,gthc->pghst", "pghst,gthc->pgshc")
-    else:
-      spec = ("pgshc,gthc->pghst", "pghst,gthc->pgshc")
-    logits = jnp.einsum(spec[0], q, k, preferred_element_type=jnp.float32)
-    attn = jax.nn.softmax(logits / math.sqrt(d // self.heads), axis=-1).astype(v.dtype)
-    y = jnp.einsum(spec[1], attn, v)
-    y = y.reshape(y.shape[:-2] + (d,))
-    return _dense(d, d, self.dtype, "out_proj", zero_bias=True)(y)
-
-
-class TransformerDecoderLayer(nn.Module):
-  """Post-LN decoder layer (torch nn.TransformerDecoderLayer, ReLU, no dropout):
-  x → LN1(x + SelfAttn(x)) → LN2(· + CrossAttn(·, memory)) → LN3(· + Linear2(ReLU(Linear1(·)))).
-
-  x [P, S, d] (first layer: the probe maps) or [P, G, S, d], memory [G, T, d] → [P, G, S, d].
-  """
-  heads: int = 1
-  ffn: int = 512
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, memory):
-    d = x.shape[-1]
-    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
-    f32 = lambda t: t.astype(jnp.float32)
-    x = ln("norm1")(f32(x) + f32(Attention(self.heads, self.dtype, name="self_attn")(x)))
-    y = Attention(self.heads, self.dtype, name="cross_attn")(x.astype(self.dtype), memory)
-    if x.ndim == 3:
-      x = x[:, None]
-    x = ln("norm2")(x + f32(y))
-    y = _dense(self.ffn, d, self.dtype, "linear1")(x.astype(self.dtype))
-    y = _dense(d, self.ffn, self.dtype, "linear2")(nn.relu(y))
-    return ln("norm3")(x + f32(y))
 
 
 class TransformerCross(nn.Module):

@@ -6,6 +6,9 @@ layers without positional encoding. Matcher side (`TransMatcher`): for decoder l
 S_n = fc1(q_n)·fc1(k_n)ᵀ ⊙ sigmoid(R_n) → max over gallery and over probe locations → per
 direction BN1 → FC2 (S→D) → BN2 → ReLU → FC3 (D→1) → sum of directions → BN3; the layer scores
 are summed and normalised by a final scalar BN.
+
+Also the plain Transformer layers the paper's Table 2 baselines share: `Attention` and the post-LN
+`TransformerDecoderLayer` (Transformer-Cross, the vanilla Transformer's learned-query decoder).
 """
 import math
 from typing import Any
@@ -30,6 +33,13 @@ def torch_bias_init(fan_in: int):
   """PyTorch's default Linear bias init: U(-1/√fan_in, 1/√fan_in)."""
   bound = 1.0 / math.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def dense_layer(features, fan_in, dtype, name, zero_bias=False):
+  """nn.Dense with xavier-uniform kernel and PyTorch's Linear bias init (or a zero bias, as the
+  attention projections of torch nn.MultiheadAttention)."""
+  bias = nn.initializers.zeros if zero_bias else torch_bias_init(fan_in)
+  return nn.Dense(features, kernel_init=xavier, bias_init=bias, dtype=dtype, name=name)
 
 
 class FeatureBatchNorm(nn.Module):
@@ -72,21 +82,76 @@ class TransformerEncoderLayer(nn.Module):
     d = x.shape[-1]
     if d % self.heads:
       raise ValueError(f"model.neck={d} is not divisible by model.heads={self.heads}.")
-    dense = lambda n, name, fan_in: nn.Dense(n, kernel_init=xavier, dtype=self.dtype,
-                                             bias_init=torch_bias_init(fan_in), name=name)
-    qkv = nn.Dense(3 * d, kernel_init=xavier, bias_init=nn.initializers.zeros, dtype=self.dtype,
-                   name="in_proj")(x)
+    qkv = dense_layer(3 * d, d, self.dtype, "in_proj", zero_bias=True)(x)
     q, k, v = (t.reshape(x.shape[:-1] + (self.heads, d // self.heads))
                for t in jnp.split(qkv, 3, axis=-1))
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
     attn = jax.nn.softmax(logits / math.sqrt(d // self.heads), axis=-1).astype(v.dtype)
     y = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(x.shape)
-    y = nn.Dense(d, kernel_init=xavier, bias_init=nn.initializers.zeros, dtype=self.dtype,
-                 name="out_proj")(y)
+    y = dense_layer(d, d, self.dtype, "out_proj", zero_bias=True)(y)
     ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
     x = ln("norm1")(x.astype(jnp.float32) + y.astype(jnp.float32))
-    y = dense(d, "linear2", self.ffn)(nn.relu(dense(self.ffn, "linear1", d)(x.astype(self.dtype))))
+    y = dense_layer(self.ffn, d, self.dtype, "linear1")(x.astype(self.dtype))
+    y = dense_layer(d, self.ffn, self.dtype, "linear2")(nn.relu(y))
     return ln("norm2")(x + y.astype(jnp.float32))
+
+
+class Attention(nn.Module):
+  """Multi-head attention (torch nn.MultiheadAttention maths, separate `query` / `key_value`
+  projections) of queries x against `memory` [G, T, d].
+
+  x [P, S, d] (the same queries for every memory) or [P, G, S, d] (one set per pair) → [P, G,
+  S, d]; with memory=None, self-attention of x [..., S, d] → [..., S, d]. The memory's key/value
+  projection runs once per gallery map, and that of x [P, S, d] once per probe map."""
+  heads: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, memory=None):
+    d = x.shape[-1]
+    if d % self.heads:
+      raise ValueError(f"model.neck={d} is not divisible by model.heads={self.heads}.")
+    split = lambda t: t.reshape(t.shape[:-1] + (self.heads, d // self.heads))
+    q = split(dense_layer(d, d, self.dtype, "query", zero_bias=True)(x))
+    k, v = jnp.split(dense_layer(2 * d, d, self.dtype, "key_value", zero_bias=True)(
+        x if memory is None else memory), 2, axis=-1)
+    k, v = split(k), split(v)
+    if memory is None:
+      spec = ("...shc,...thc->...hst", "...hst,...thc->...shc")
+    elif x.ndim == 3:
+      spec = ("pshc,gthc->pghst", "pghst,gthc->pgshc")
+    else:
+      spec = ("pgshc,gthc->pghst", "pghst,gthc->pgshc")
+    logits = jnp.einsum(spec[0], q, k, preferred_element_type=jnp.float32)
+    attn = jax.nn.softmax(logits / math.sqrt(d // self.heads), axis=-1).astype(v.dtype)
+    y = jnp.einsum(spec[1], attn, v)
+    y = y.reshape(y.shape[:-2] + (d,))
+    return dense_layer(d, d, self.dtype, "out_proj", zero_bias=True)(y)
+
+
+class TransformerDecoderLayer(nn.Module):
+  """Post-LN decoder layer (torch nn.TransformerDecoderLayer, ReLU, no dropout):
+  x → LN1(x + SelfAttn(x)) → LN2(· + CrossAttn(·, memory)) → LN3(· + Linear2(ReLU(Linear1(·)))).
+
+  x [P, S, d] (first layer: the probe maps) or [P, G, S, d], memory [G, T, d] → [P, G, S, d].
+  """
+  heads: int = 1
+  ffn: int = 512
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, memory):
+    d = x.shape[-1]
+    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
+    f32 = lambda t: t.astype(jnp.float32)
+    x = ln("norm1")(f32(x) + f32(Attention(self.heads, self.dtype, name="self_attn")(x)))
+    y = Attention(self.heads, self.dtype, name="cross_attn")(x.astype(self.dtype), memory)
+    if x.ndim == 3:
+      x = x[:, None]
+    x = ln("norm2")(x + f32(y))
+    y = dense_layer(self.ffn, d, self.dtype, "linear1")(x.astype(self.dtype))
+    y = dense_layer(d, self.ffn, self.dtype, "linear2")(nn.relu(y))
+    return ln("norm3")(x + f32(y))
 
 
 def projected_similarities(probe, gallery, prior=None, gallery_chunk: int = 8):
