@@ -172,17 +172,14 @@ def main(argv):
       print(entry["png"])
     print(os.path.join(workdir, "visualize", "index.html"))
     return
-  if "nformer" in config:  # NFormer: stage 1 (embedding), stage 2, refined evaluation
-    from jaxreid import nformer_train
-    if FLAGS.mode == "train":
-      results = nformer_train.train_and_evaluate_nformer(config, workdir)
-    else:
-      results = nformer_train.evaluate_nformer(config, FLAGS.checkpoint or workdir, workdir)
-  elif FLAGS.mode == "train":
-    from jaxreid.train import train_and_evaluate
-    results = train_and_evaluate(config, workdir)
+  from jaxreid import registry
+  method = registry.method_of(config)
+  if FLAGS.mode == "train":
+    results = method.train_and_evaluate(config, workdir)
+  elif method.evaluate is not None:      # a method with its own evaluation (NFormer's stages)
+    results = method.evaluate(config, FLAGS.checkpoint or workdir, workdir)
   else:
-    from jaxreid.evaluate import evaluate_checkpoint
+    from jaxreid.api import evaluate_checkpoint
     results = evaluate_checkpoint(config, FLAGS.checkpoint or workdir, workdir)
   print(json.dumps(results.get("test", results), indent=2))
 

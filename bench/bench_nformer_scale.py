@@ -1,4 +1,4 @@
-"""NFormer inference at MSMT17 scale: jaxreid.nformer (reciprocal neighbours and LAA + RNS by
+"""NFormer inference at MSMT17 scale: jaxreid.methods.nformer.model (reciprocal neighbours and LAA + RNS by
 gather, in row blocks, never N×N) vs a dense-affinity NumPy formulation (N×N similarity, N×N
 reciprocal mask, N×N masked softmax per head), same random weights (4 blocks, d=256, 2 heads).
 
@@ -127,7 +127,7 @@ def run_child(args):
     if args.impl == "jaxreid":
       sys.path.insert(0, str(REPO))
       import jax
-      from jaxreid.nformer import nformer_apply
+      from jaxreid.methods.nformer.model import nformer_apply
       run = lambda: np.asarray(jax.block_until_ready(nformer_apply(
           params, x, landmarks, num_queries=num_queries, k=args.k, heads=args.heads)))
     else:

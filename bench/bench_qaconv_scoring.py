@@ -83,7 +83,7 @@ def jax_scorer(args, weights):
   import jax
   import jax.numpy as jnp
   sys.path.insert(0, str(REPO))
-  from jaxreid.matchers.qaconv import QAConv
+  from jaxreid.methods.qaconv.model import QAConv
 
   module = QAConv(args.height, args.width)
   f32 = lambda v: jnp.full((1,), v, jnp.float32)

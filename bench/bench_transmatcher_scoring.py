@@ -61,7 +61,7 @@ def transmatcher_variables(args):
   """(module, variables): xavier init, then BN affines and running stats set to non-defaults."""
   import jax
   sys.path.insert(0, str(REPO))
-  from jaxreid.matchers.transmatcher import TransMatcher
+  from jaxreid.methods.transmatcher.model import TransMatcher
   module = TransMatcher(args.height, args.width, num_layers=args.layers, ffn=args.ffn)
   dummy = np.zeros((1, args.layers, args.height, args.width, args.dim), np.float32)
   variables = jax.device_get(module.init(jax.random.key(args.seed), dummy, dummy))
@@ -78,7 +78,7 @@ def transmatcher_variables(args):
 
 
 def torch_scores(probe, gallery, variables, args):
-  """The decoder of METHODS.md in plain PyTorch ops: fc1 once per map, gallery chunks."""
+  """The TransMatcher decoder (docs/methods/transmatcher.md) in plain PyTorch ops: fc1 once per map, gallery chunks."""
   import torch
   torch.set_grad_enabled(False)
   t = lambda x: torch.from_numpy(np.asarray(x, np.float32))
@@ -129,7 +129,7 @@ def run_child(args):
     if args.impl == "jax":
       module, variables = transmatcher_variables(args)
     else:  # QAConv on the last layer's maps, L2-normalised as QAConv expects
-      from jaxreid.matchers.qaconv import QAConv
+      from jaxreid.methods.qaconv.model import QAConv
       module = QAConv(args.height, args.width)
       probe, gallery = (x[:, -1] / np.linalg.norm(x[:, -1], axis=-1, keepdims=True)
                         for x in (probe, gallery))

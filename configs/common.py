@@ -1,4 +1,7 @@
-"""Fields shared by every method's config; each method file starts from `base_config()`."""
+"""Fields shared by every method's config, and the recipes several configs share.
+
+Each method file starts from `base_config()` (data, backbone, optimiser, evaluation) and adds
+only its own fields; docs/methods/<method>.md says which recipe each setting uses."""
 import ml_collections
 from ml_collections import config_dict
 
@@ -28,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
       pad=4, flip=True, rotate_deg=5.0, color_jitter=False, occlusion=True, random_erasing=0.0))
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "qaconv"
+  c.model.name = ""                     # the method (jaxreid.registry); set by each config file
+  c.model.backbone = "resnet"           # jaxreid.backbones
   c.model.depth = 18
   c.model.width = 32                    # channels of the ResNet stem (64 = standard ResNet)
   c.model.ibn = "b"
@@ -37,11 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.freeze_bn = False
   c.model.neck = 64
   c.model.input_norm = "none"
-  c.model.head = "v2.1"
   c.model.pretrained = config_dict.placeholder(str)  # ImageNet .pth/.safetensors for the backbone
 
   c.train = ml_collections.ConfigDict()
-  c.train.loss = "pairwise"             # "pairwise" | "triplet" | "memory"
+  c.train.loss = ""                     # one of the method's objectives; set by each config
+  c.train.optimizer = "sgd"             # "sgd" (nesterov) | "adam"
   # The synthetic default trains from scratch (no ImageNet weights offline), so the backbone
   # learns at the full, larger lr; the paper settings use lr 0.005 with the backbone at ×0.1.
   c.train.epochs = 12
@@ -53,8 +57,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.nesterov = True
   c.train.weight_decay = 5e-4
   c.train.clip_norm = 8.0               # per group (backbone+neck, matcher); 0 = off
-  c.train.focal_gamma = 2.0
-  c.train.triplet_margin = 16.0
   c.train.bf16 = False
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 50
@@ -98,4 +100,64 @@ def paper_recipe(c: ml_collections.ConfigDict, train: str, paper: dict) -> ml_co
                  checkpoint_every_steps=1000)
   c.eval.batch_size = 128
   c.eval.paper = paper
+  return c
+
+
+def pairwise_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """In-batch training of a pairwise matcher (QAConv-GS, TransMatcher, Transformer-Cat/-Cross):
+  graph sampler, pairwise BCE (`train.loss = "triplet"`: batch-hard triplet on the scores)."""
+  c.data.sampler = "gs"
+  c.train.loss = "pairwise"
+  c.train.triplet_margin = 16.0
+  return c
+
+
+def transformer_fields(c: ml_collections.ConfigDict, d: int = 64, ffn: int = 128,
+                       num_layers: int = 3) -> ml_collections.ConfigDict:
+  """The Transformer width of the TransMatcher paper's models (TransMatcher and its Table 2
+  baselines): neck to d, FFN / MLP width D, N layers, H heads."""
+  c.model.neck = d                  # d: neck channels = Transformer width
+  c.model.ffn = ffn                 # D: encoder feed-forward and decoder MLP width
+  c.model.num_layers = num_layers   # N
+  c.model.heads = 1                 # H: attention heads
+  c.model.normalize = False         # L2-normalise the neck output (QAConv does; TransMatcher not)
+  c.model.map_dtype = "float32"     # of encode()'s maps; "bfloat16" halves feature memory
+  c.model.pos_embed = False         # learned positional embedding (paper Table 3)
+  return c
+
+
+def transformer_paper_recipe(c, train: str, paper: dict, d=512, ffn=2048, num_layers=3):
+  """`paper_recipe` with the TransMatcher paper's Transformer width and its memory choices."""
+  c = paper_recipe(c, train, paper)
+  transformer_fields(c, d=d, ffn=ffn, num_layers=num_layers)
+  c.train.clip_norm = 4.0
+  # A tile's decoder MLP holds tile_p·tile_g·N·2·D floats (64·64·3·2·2048·4 B = 200 MB).
+  c.eval.update(batch_size=128, tile_p=64, tile_g=64)
+  # Extracted maps are N·h·w·d = 3·24·8·512 values per image; bfloat16 halves that (the matcher
+  # multiplies them in bfloat16 under train.bf16 anyway, after an fc1 computed in float32).
+  c.model.map_dtype = "bfloat16"
+  return c
+
+
+# TransMatcher paper Table 2: Transformers trained on MSMT17, R1 / mAP (%) on CUHK03-NP, Market;
+# d, D, N = 512, 2048, 3, or 128, 512, 2 for the models in TABLE2_SMALL.
+TABLE2 = {
+    "vit": ((12.0, 12.4), (57.7, 29.8)),
+    "vanilla_transformer": ((13.2, 13.3), (54.3, 29.0)),
+    "transmatcher": ((23.7, 22.5), (80.1, 52.0)),
+    "transformer_cat": ((13.1, 13.2), (53.9, 27.4)),
+    "transformer_cross": ((18.9, 19.8), (66.2, 40.1)),
+    "transmatcher_small": ((22.5, 21.4), (77.4, 49.3)),
+}
+TABLE2_SMALL = ("transformer_cat", "transformer_cross", "transmatcher_small")
+
+
+def table2_recipe(c, model: str):
+  """The paper's Table 2 setting of `model` (a TABLE2 key): trained on MSMT17 (train split) with
+  the graph sampler, tested on CUHK03-NP (detected) and Market-1501."""
+  (cuhk_r1, cuhk_map), (market_r1, market_map) = TABLE2[model]
+  paper = {"cuhk03_np/detected": {"R1": cuhk_r1, "mAP": cuhk_map},
+           "market1501": {"R1": market_r1, "mAP": market_map}}
+  size = dict(d=128, ffn=512, num_layers=2) if model in TABLE2_SMALL else {}
+  c = transformer_paper_recipe(pairwise_training(c), "msmt17", paper, **size)
   return c

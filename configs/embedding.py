@@ -1,7 +1,7 @@
 """Embedding baseline (the "Res50" of the NFormer paper, reid-strong-baseline): ResNet with
 last stride 1 → global average pooling → Linear(C→256) → BNNeck → classifier, trained with
 label-smoothed CE + batch-hard triplet (margin 0.3) + 0.0005·center loss on PK batches with Adam,
-warmup and steps (METHODS.md, NFormer). Ranked by cosine similarity of the post-BN vectors. It is
+warmup and steps (docs/methods/nformer.md). Ranked by cosine similarity of the post-BN vectors. It is
 also NFormer's stage 1 (configs/nformer.py).
 
 Default: a small model on the embedded synthetic_reid (train and test domain_a), a few

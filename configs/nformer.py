@@ -1,6 +1,6 @@
 """NFormer (Wang et al., CVPR 2022): stage 1 = the embedding baseline of configs/embedding.py
 (the paper's "Res50"), stage 2 = the NFormer head trained on its cached train features (CNN
-frozen), evaluation = query + gallery refined as one set, ranked by cosine (METHODS.md, NFormer).
+frozen), evaluation = query + gallery refined as one set, ranked by cosine (docs/methods/nformer.md).
 
 `python main.py --config configs/nformer.py` runs all three on the embedded synthetic_reid; the
 results.json has the NFormer numbers under "test" and the stage-1 numbers under "stage1".
@@ -19,6 +19,7 @@ PAPER = {  # same-domain R1 / mAP (%) of NFormer with the Res50 extractor (Table
 
 
 def nformer_fields(c) -> ml_collections.ConfigDict:
+  c.method = "nformer"              # the NFormer pipeline on stage 1's model (model.name)
   n = c.nformer = ml_collections.ConfigDict()
   n.layers = 4
   n.dim = 0                         # 0 = model.embed_dim (the stage-1 vectors)

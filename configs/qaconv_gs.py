@@ -1,11 +1,13 @@
-"""QAConv-GS: QAConv v2.1 trained with the graph sampler and pairwise BCE (METHODS.md).
+"""QAConv-GS: QAConv v2.1 trained with the graph sampler and pairwise BCE
+(docs/methods/qaconv.md).
 
 Default: a small model on the embedded synthetic_reid (train domain_a, test domain_b), a few
 minutes on a 2-core CPU. `configs/qaconv_gs.py:<setting>` selects the paper's full settings.
 """
-from configs.common import base_config, paper_recipe
+from configs.common import base_config, pairwise_training, paper_recipe
+from configs.qaconv import qaconv_fields
 
-PAPER = {  # R1 / mAP (%) of QAConv-GS v2.1 per (training set, test set), METHODS.md
+PAPER = {  # R1 / mAP (%) of QAConv-GS v2.1 (official release) per (training set, test set)
     "market1501": {"cuhk03_np/detected": {"R1": 19.1, "mAP": 18.1},
                    "msmt17": {"R1": 45.9, "mAP": 17.2}},
     "msmt17/all": {"market1501": {"R1": 82.4, "mAP": 56.9}},
@@ -20,9 +22,7 @@ def paper_settings(c, train):
 
 
 def get_config(setting: str = "synthetic"):
-  c = base_config()
-  c.train.loss = "pairwise"
-  c.data.sampler = "gs"
+  c = pairwise_training(qaconv_fields(base_config()))
   if setting == "synthetic":
     return c
   if setting == "market":

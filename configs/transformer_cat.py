@@ -1,29 +1,29 @@
 """Transformer-Cat (TransMatcher paper, Sec. 4 / Table 2): probe and gallery neck maps
 concatenated into one sequence through ViT-style encoder layers, one logit per pair; trained
-like TransMatcher (graph sampler, pairwise BCE) with the same data, optimiser and epochs.
+like TransMatcher (graph sampler, pairwise BCE) with the same data, optimiser and epochs
+(docs/methods/transformer_pairs.md).
 
 Default: a small model on the embedded synthetic_reid (train domain_a, test domain_b), a few
 minutes on a 2-core CPU. `configs/transformer_cat.py:table2` is the paper's Table 2 setting
 (MSMT17 → CUHK03-NP, Market; d=128, D=512, N=2, H=1).
 """
-from configs import transmatcher
-
-TRANSMATCHER_ONLY = ("fc1", "bn1", "mlp_head1", "prior_embed", "encoders")
+from configs.common import base_config, pairwise_training, table2_recipe, transformer_fields
 
 
 def pair_transformer_config(name: str, setting: str):
-  """The TransMatcher config of `setting` (synthetic | table2) with the model turned into
-  Transformer-Cat / -Cross of the same d, D, N, H and feature side."""
+  """Transformer-Cat / -Cross at the budget of configs/transmatcher.py's `setting` (synthetic |
+  table2): the same data, sampler, optimiser, epochs and feature side, N = 2."""
+  c = pairwise_training(base_config())
+  c.train.clip_norm = 4.0
   if setting == "synthetic":
-    c = transmatcher.get_config("synthetic")
-    c.model.num_layers = 2          # N, as in Table 2 for these two models
+    transformer_fields(c, num_layers=2)   # N, as in Table 2 for these two models
+    c.train.update(epochs=4, lr_step_epochs=(3,))
+    c.model.normalize = True
   elif setting == "table2":
-    c = transmatcher.table2_config(name)
+    c = table2_recipe(c, name)
   else:
     raise ValueError(f"configs/{name}.py has no setting {setting!r}; use synthetic or table2.")
   c.model.name = name
-  for field in TRANSMATCHER_ONLY:
-    del c.model[field]
   # Cat: learned positional embedding of the map grid in the matcher (ViT); Cross: added to the
   # neck map before the encoders (as TransMatcher's Table 3 switch; off like its default).
   c.model.pos_embed = name == "transformer_cat"

@@ -16,14 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxreid import convert
-from jaxreid.eval.scoring import score_matrix
-from jaxreid.evaluate import match_fn
-from jaxreid.models import (build_model, feature_map_size, init_variables, is_embedding,
-                            l2_normalize)
-
-CONVERTERS = {"qaconv": convert.qaconv_from_official,  # model.name → official converter
-              "transmatcher": convert.transmatcher_from_official}
+from jaxreid import registry
+from jaxreid.eval.scoring import match_fn, score_matrix
+from jaxreid.models import feature_map_size, init_variables
+from jaxreid.weights import DEFAULT_INPUT_SIZE, check_variables, read_state_dict
 
 
 def configs_dir() -> Path:
@@ -88,17 +84,19 @@ def _apply(config: ml_collections.ConfigDict, model: dict, height: int, width: i
 
 def _load_official(path: Path, config, input_size):
   """(config, variables) from an official .pth/.pth.tar/.safetensors checkpoint."""
-  state = convert.read_state_dict(path)
+  state = read_state_dict(path)
   requested = config.model.name
-  found = convert.detect_method(state)
+  found = registry.detect(state)
   if found is not None and found != requested:
     raise ValueError(f"{path} looks like a {found} checkpoint, but method '{requested}' was "
                      f"requested; pass '{found}' instead.")
-  if requested not in CONVERTERS:
+  convert = registry.get(requested).convert
+  if convert is None:
+    supported = sorted(name for name, m in registry.METHODS.items() if m.convert is not None)
     raise ValueError(f"Official checkpoints of '{requested}' cannot be converted yet (supported: "
-                     f"{sorted(CONVERTERS)}).")
+                     f"{supported}).")
   try:
-    overrides, variables = CONVERTERS[requested](state, input_size)
+    overrides, variables = convert(state, input_size)
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
   return _apply(config, overrides["model"], **overrides["data"]), variables
@@ -125,8 +123,10 @@ def load(method_or_config, checkpoint, *, input_size=None, batch_size: int | Non
   checkpoint directory (architecture and input size from its saved config). `batch_size`: images
   per `encode` step (default `config.eval.batch_size`).
   """
-  if isinstance(method_or_config, str) and method_or_config == "nformer":
-    return load_nformer(checkpoint)
+  if isinstance(method_or_config, str) and method_or_config in registry.METHODS:
+    custom = registry.get(method_or_config).load
+    if custom is not None:     # a method with its own loaded model (NFormer's refine)
+      return custom(checkpoint)
   config = resolve_config(method_or_config)
   path = Path(os.path.expanduser(str(checkpoint)))
   if not path.exists():
@@ -136,7 +136,7 @@ def load(method_or_config, checkpoint, *, input_size=None, batch_size: int | Non
     config, variables = _load_ours(path, config, is_name)
   else:
     config, variables = _load_official(path, config, tuple(input_size or
-                                                           convert.DEFAULT_INPUT_SIZE))
+                                                           DEFAULT_INPUT_SIZE))
   return ReidModel(config, variables, batch_size=batch_size)
 
 
@@ -149,25 +149,28 @@ class ReidModel:
 
   def __init__(self, config, variables, *, batch_size: int | None = None):
     self.config = config
-    self.module = build_model(config)
+    self.method = registry.get(config.model.name)
+    self.module = registry.build_model(config)
     self.input_size = (int(config.data.height), int(config.data.width))
     self.map_size = feature_map_size(config.model, *self.input_size)
     self.batch_size = int(batch_size or config.get("eval", {}).get("batch_size", 64))
     expected = jax.eval_shape(lambda: init_variables(self.module, jax.random.key(0),
                                                      *self.input_size))
-    convert.check_variables(expected, variables)
+    check_variables(expected, variables)
     self.variables = jax.device_put(variables)
     module = self.module
     self._encode = jax.jit(lambda v, x: module.apply(v, x, method="encode"))
     self._match_fn = match_fn(module)  # shared with evaluation: one jit cache per model
+    # What encode() gives per image: maps [h, w, d], stacked maps [L, h, w, d], or vectors [D].
+    self.feature_shape = tuple(jax.eval_shape(
+        self._encode, self.variables,
+        jax.ShapeDtypeStruct((1, *self.input_size, 3), np.uint8)).shape[1:])
 
   def __repr__(self):
     m = self.config.model
-    head = f", head={m.head}" if m.name == "qaconv" else ""
-    output = (f"pooling {m.get('pooling', 'gap')}, vectors" if is_embedding(m)
-              else f"maps {self.map_size}")
-    return (f"ReidModel({m.name}, ResNet-{m.depth} ibn={m.ibn}, {m.final_layer}{head}, "
-            f"input {self.input_size[0]}×{self.input_size[1]}, {output})")
+    details = ", ".join(filter(None, [self.method.describe(m), f"input {self.input_size[0]}×"
+                                      f"{self.input_size[1]}", f"features {self.feature_shape}"]))
+    return (f"ReidModel({m.name}, ResNet-{m.depth} ibn={m.ibn}, {m.final_layer}, {details})")
 
   def _check_images(self, images) -> np.ndarray:
     images = np.asarray(images)
@@ -201,17 +204,9 @@ class ReidModel:
 
   def _check_maps(self, maps, name: str) -> np.ndarray:
     maps = np.asarray(maps)
-    if is_embedding(self.config.model):  # vectors [N, D]
-      if maps.ndim != 2:
-        raise ValueError(f"{name} must be embedding vectors [N, D] from encode(); got shape "
-                         f"{maps.shape}.")
-      return maps
-    # TransMatcher [B, N layers, h, w, d]; Transformer-Cross [B, 2 (neck, memory), h, w, d].
-    ndim = 5 if self.config.model.name in ("transmatcher", "transformer_cross") else 4
-    if maps.ndim != ndim or maps.shape[-3:-1] != tuple(self.map_size):
-      raise ValueError(f"{name} must be feature maps [N, {'L, ' * (ndim == 5)}"
-                       f"{self.map_size[0]}, {self.map_size[1]}, d] from encode(); got shape "
-                       f"{maps.shape}.")
+    if maps.ndim != 1 + len(self.feature_shape) or maps.shape[1:-1] != self.feature_shape[:-1]:
+      raise ValueError(f"{name} must be features [N, {', '.join(map(str, self.feature_shape))}] "
+                       f"from encode(); got shape {maps.shape}.")
     return maps
 
   def match(self, probe_maps, gallery_maps, *, tile_p: int | None = None,
@@ -227,90 +222,36 @@ class ReidModel:
   def correspondences(self, probe_maps, gallery_maps) -> dict:
     """Argmax matches for drawing: for every pair and matching layer, each probe location's best
     gallery location and vice versa (flat y*w+x), with their similarities. Arrays
-    [L, P, G, h*w] with a leading layer axis: L = 1 for QAConv
-    (`jaxreid.matchers.qaconv.correspondences`), one entry per decoder layer for TransMatcher
-    (`jaxreid.matchers.transmatcher.correspondences`: fc1 and the sigmoid(R_n) prior applied as
-    in the decoder). Keys: probe_to_gallery, probe_to_gallery_score, gallery_to_probe,
+    [L, P, G, h*w] with a leading layer axis (L = 1 for QAConv, one per decoder layer for
+    TransMatcher). Keys: probe_to_gallery, probe_to_gallery_score, gallery_to_probe,
     gallery_to_probe_score. Meant for a few pairs at a time (memory P·G·L·(h*w)²)."""
-    if self.config.model.name not in ("qaconv", "transmatcher"):
+    if self.method.correspondences is None:
+      drawable = sorted(n for n, m in registry.METHODS.items() if m.correspondences is not None)
       raise ValueError(f"{self.config.model.name} has no local correspondences to draw (its "
-                       "scores are not a max over location pairs); use QAConv or TransMatcher.")
+                       f"scores are not a max over location pairs); use one of {drawable}.")
     probe = self._check_maps(probe_maps, "probe_maps")
     gallery = self._check_maps(gallery_maps, "gallery_maps")
-    if self.config.model.name == "transmatcher":
-      from jaxreid.matchers import transmatcher
-      params = self.variables["params"]["matcher"]
-      out = transmatcher.correspondences(probe, gallery, params.get("fc1_kernel"),
-                                         params.get("fc1_bias"), params.get("prior"))
-      return {k: np.asarray(v) for k, v in out.items()}
-    from jaxreid.matchers.qaconv import correspondences
-    out = correspondences(probe, gallery)
-    return {k: np.asarray(v)[None] for k, v in out.items()}
+    return self.method.correspondences(self.variables, probe, gallery)
 
   def score(self, probe_images, gallery_images, **kwargs) -> np.ndarray:
     """`match(encode(probe_images), encode(gallery_images))`."""
     return self.match(self.encode(probe_images), self.encode(gallery_images), **kwargs)
 
 
-def load_nformer(checkpoint, *, heads: int = 2) -> "NFormerModel":
-  """The NFormer head (stage 2) of `checkpoint`: the official bare state dict
-  (`nformer_model.pth`; layers, dim and ffn read from the shapes, `heads` is not in it), or a
-  jaxreid NFormer run: its workdir, its `nformer/` directory or a checkpoint directory in it."""
-  from jaxreid.nformer_train import STAGE2_DIR
-  path = Path(os.path.expanduser(str(checkpoint)))
-  if not path.exists():
-    raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-  if not path.is_dir():
-    arch, variables = convert.nformer_from_official(convert.read_state_dict(path), heads=heads)
-    return NFormerModel(ml_collections.ConfigDict(dict(k=20, num_landmarks=5, block=2048,
-                                                       landmark_seed=0, **arch)), variables)
-  from jaxreid import checkpoint as ckpt
-  if (path / STAGE2_DIR).is_dir():
-    path = path / STAGE2_DIR
-  saved, variables = ckpt.restore_for_eval(str(path))
-  if "nformer" not in saved:
-    raise ValueError(f"{path} is a checkpoint of '{saved.model.name}', not of NFormer stage 2; "
-                     "pass an NFormer run's workdir or its nformer/ directory.")
-  return NFormerModel(saved.nformer, variables)
-
-
-class NFormerModel:
-  """A loaded NFormer head: `refine(features [N, dim])` → post-BN refined vectors [N, dim].
-
-  Attributes: `config` (the nformer settings: layers, dim, ffn, heads, k, num_landmarks, …),
-  `variables`, `module` (NFormer without its classifier)."""
-
-  def __init__(self, nf_config, variables):
-    from jaxreid.nformer_train import build_head
-    self.config = nf_config
-    self.module = build_head(nf_config, 0)
-    self.variables = jax.device_put({
-        "params": {k: v for k, v in variables["params"].items() if k != "classifier"},
-        "batch_stats": variables["batch_stats"]})
-    n = max(self.module.k, self.module.num_landmarks)
-    expected = jax.eval_shape(lambda: self.module.init(
-        jax.random.key(0), np.zeros((n, self.module.dim), np.float32), jax.random.key(0)))
-    convert.check_variables(expected, self.variables, "The NFormer checkpoint")
-
-  def __repr__(self):
-    m = self.module
-    return (f"NFormerModel(layers={m.layers}, dim={m.dim}, heads={m.heads}, ffn={m.ffn}, "
-            f"k={m.k}, landmarks={m.num_landmarks})")
-
-  def refine(self, features, num_landmarks: int | None = None, num_queries: int | None = None,
-             *, landmark_seed: int | None = None, normalize: bool = True) -> np.ndarray:
-    """Post-BN NFormer outputs of the set `features` [N, dim] (L2-normalised first unless
-    `normalize=False`). With `num_queries`, the first rows are queries that attend to no other
-    query (paper); without, the whole set interacts (official code). Landmarks come from a fixed
-    key (`landmark_seed`, default the config's), so repeated calls agree."""
-    features = np.asarray(features, np.float32)
-    if features.ndim != 2 or features.shape[1] != self.module.dim:
-      raise ValueError(f"features must be [N, {self.module.dim}]; got shape {features.shape}.")
-    module = self.module
-    if num_landmarks is not None:
-      module = module.clone(num_landmarks=int(num_landmarks))
-    seed = self.config.get("landmark_seed", 0) if landmark_seed is None else landmark_seed
-    x = l2_normalize(features) if normalize else features
-    _, post, _ = module.apply(self.variables, x, jax.random.key(int(seed)),
-                              num_queries=int(num_queries or 0))
-    return np.asarray(post)
+def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None) -> dict:
+  """Evaluates a checkpoint (a run's workdir/checkpoint dir, or an official file) on the test
+  sets of `config`; the architecture comes from the checkpoint. With a workdir, writes
+  workdir/results.json and workdir/retrieval.npz."""
+  from jaxreid import parallel
+  from jaxreid.eval.evaluator import evaluate_matcher, write_results
+  loaded = load(config, checkpoint)
+  eval_config = config.copy_and_resolve_references()
+  with eval_config.unlocked():
+    eval_config.model = loaded.config.model
+    eval_config.data.height, eval_config.data.width = loaded.input_size
+  mesh = parallel.make_mesh()
+  results = evaluate_matcher(eval_config, loaded.module, loaded.variables, mesh, workdir=workdir)
+  results["checkpoint"] = str(checkpoint)
+  if workdir is not None:
+    write_results(workdir, results)
+  return results

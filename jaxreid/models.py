@@ -1,36 +1,32 @@
-"""Method registry: builds the Flax model of a config.
+"""The parts every method's model is made of: the feature-map encoder (backbone of
+`model.backbone` + optional 3×3 neck conv, optionally followed by Transformer encoder layers),
+the two model shapes the evaluation engine knows, and the conversion of the official encoder
+layout (`base.*`, `neck_conv.*`) that the official QAConv/TransMatcher checkpoints share.
 
-Every model has two entry points the evaluation engine uses, `encode(images)` and
-`match(probe, gallery) → scores [P, G]` (higher = more similar):
-- a pairwise matcher encodes feature maps [B, h, w, d] (TransMatcher: one map per decoder layer,
-  [B, N, h, w, d]) and matches pairs of maps; variables `{"encoder": {"backbone", "neck_conv",
-  …}, "matcher": …}`;
-- an embedding model (`EmbeddingModel`) encodes vectors [B, D] and matches by cosine similarity;
-  variables `{"encoder": {"backbone", …}, "head": …}`.
+- `PairwiseModel` = encoder + matcher: `encode(images)` → feature maps, `match(probe, gallery)` →
+  logits [P, G]; variables {"encoder": {"backbone", "neck_conv", …}, "matcher": …}.
+- `EmbeddingModel` = encoder + global head: `encode` → vectors [B, D], `match` → cosine [P, G];
+  variables {"encoder": …, "head": …}.
 """
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxreid import poolings
-from jaxreid.backbones.resnet import ResNet
-from jaxreid.matchers.qaconv import QAConv
-from jaxreid.matchers.transmatcher import TransformerEncoderLayer, TransMatcher
+from jaxreid import backbones
+from jaxreid.nn.norms import cosine_similarity, l2_normalize
+from jaxreid.nn.transformer import TransformerEncoderLayer
+from jaxreid.weights import BN_EPS, conv_kernel, flatten_state, strip_prefix
 
 INPUT_NORMS = {  # (mean, std) applied to [0, 1] pixels
     "none": (0.0, 1.0),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "half": (0.5, 0.5),
 }
-
-
-def l2_normalize(x, axis: int = -1):
-  """x / ‖x‖ along `axis` in float32 (‖x‖ floored at 1e-12, torch.nn.functional.normalize)."""
-  x = jnp.asarray(x, jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis, keepdims=True), 1e-24))
 
 
 def to_unit_range(images):
@@ -41,13 +37,9 @@ def to_unit_range(images):
 
 
 class FeatureMapEncoder(nn.Module):
-  """Pixels → backbone → 3×3 neck conv → per-location L2 normalisation (if `normalize`)."""
-  depth: int = 50
-  ibn: str = "b"
-  final_layer: str = "layer3"
-  last_stride: int = 2
-  width: int = 64
-  freeze_bn: bool = True
+  """Pixels → input normalisation → `backbone` → 3×3 neck conv (if `neck`) → per-location L2
+  normalisation (if `normalize`)."""
+  backbone: nn.Module
   neck: int = 128
   input_norm: str = "none"
   dtype: Any = jnp.float32
@@ -62,8 +54,7 @@ class FeatureMapEncoder(nn.Module):
     """Backbone + neck conv (submodules `backbone`, `neck_conv` of this module)."""
     mean, std = INPUT_NORMS[self.input_norm]
     x = (to_unit_range(images) - jnp.asarray(mean)) / jnp.asarray(std)
-    x = ResNet(self.depth, self.ibn, self.final_layer, self.last_stride, self.width,
-               self.freeze_bn, self.dtype, name="backbone")(x.astype(self.dtype), train)
+    x = self.backbone(x.astype(self.dtype), train)
     if self.neck:
       x = nn.Conv(self.neck, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
                   name="neck_conv")(x)
@@ -71,7 +62,8 @@ class FeatureMapEncoder(nn.Module):
 
 
 class TransformerMapEncoder(FeatureMapEncoder):
-  """FeatureMapEncoder followed by post-LN Transformer encoder layers (TransMatcher).
+  """FeatureMapEncoder followed by post-LN Transformer encoder layers (TransMatcher, and the
+  memory side of Transformer-Cross).
 
   Returns the maps the N decoder layers read, stacked [B, N, h, w, d]: the last N of
   [x, enc1(x), enc2(enc1(x)), …] — with `encoders` = N - 1 (official default) the neck output
@@ -122,8 +114,16 @@ class PairwiseModel(nn.Module):
     return self.match(maps, maps, train)
 
 
+class GlobalAveragePooling(nn.Module):
+  """[B, h, w, C] → [B, C]: the mean over locations (reid-strong-baseline)."""
+
+  @nn.compact
+  def __call__(self, maps):
+    return jnp.mean(maps.astype(jnp.float32), axis=(1, 2))
+
+
 class EmbeddingHead(nn.Module):
-  """Feature map → global vector: `pooling` (a `jaxreid.poolings` module), Linear(C→dim)
+  """Feature map → global vector: `pooling` ([B, h, w, C] → [B, C]), Linear(C→dim)
   `projection` (if dim), BNNeck `bottleneck` (BatchNorm1d with a frozen zero bias,
   reid-strong-baseline), bias-free `classifier` over the training ids when `num_classes` > 0.
 
@@ -168,87 +168,65 @@ class EmbeddingModel(nn.Module):
     return post
 
 
-def cosine_similarity(a, b):
-  """[P, D] × [G, D] → [P, G] cosine similarities."""
-  return l2_normalize(a) @ l2_normalize(b).T
+def compute_dtype(config):
+  """bfloat16 under train.bf16, else float32."""
+  return jnp.bfloat16 if config.get("train", {}).get("bf16", False) else jnp.float32
 
 
 def feature_map_size(model_cfg, height: int, width: int) -> tuple[int, int]:
-  """Spatial size of the encoder output for an input of height × width."""
-  last = 32 if model_cfg.get("last_stride", 2) == 2 else 16
-  stride = {"layer2": 8, "layer3": 16, "layer4": last}[model_cfg.final_layer]
-  return -(-height // stride), -(-width // stride)
+  """Spatial size of the backbone's map for an input of height × width."""
+  return backbones.get(model_cfg).output_size(model_cfg, height, width)
 
 
-def build_model(config) -> nn.Module:
-  """The model of `config.model` for inputs of `config.data.height × width`."""
+def encoder_fields(config) -> dict:
+  """The FeatureMapEncoder fields of `config.model` (backbone of model.backbone, neck,
+  input_norm, dtype); a method adds `normalize` and its own."""
   m = config.model
-  if m.name not in METHODS:
-    raise ValueError(f"model.name={m.name!r} is unknown; known methods: {sorted(METHODS)}.")
-  dtype = jnp.bfloat16 if config.get("train", {}).get("bf16", False) else jnp.float32
-  common = dict(depth=m.depth, ibn=m.ibn, final_layer=m.final_layer,
-                last_stride=m.get("last_stride", 2), width=m.get("width", 64),
-                freeze_bn=m.freeze_bn, neck=m.neck, input_norm=m.input_norm, dtype=dtype)
-  h, w = feature_map_size(m, config.data.height, config.data.width)
-  return METHODS[m.name](m, common, h, w)
-
-
-def _qaconv(m, common: dict, h: int, w: int) -> PairwiseModel:
-  return PairwiseModel(encoder=FeatureMapEncoder(**common), matcher=QAConv(h, w, m.head))
-
-
-def _transmatcher(m, common: dict, h: int, w: int) -> PairwiseModel:
-  if not m.neck:
-    raise ValueError("TransMatcher needs a neck (model.neck = d > 0).")
-  encoder = TransformerMapEncoder(**common, normalize=m.get("normalize", False),
-                                  num_layers=m.num_layers, encoders=m.encoders, heads=m.heads,
-                                  ffn=m.ffn, pos_embed=m.pos_embed,
-                                  map_dtype=jnp.dtype(m.get("map_dtype", "float32")))
-  matcher = TransMatcher(h, w, num_layers=m.num_layers, ffn=m.ffn, fc1=m.fc1, bn1=m.bn1,
-                         mlp_head1=m.mlp_head1, prior_embed=m.prior_embed, dtype=common["dtype"])
-  return PairwiseModel(encoder=encoder, matcher=matcher)
-
-
-POOLINGS = ("gap", "vit", "decoder")
-
-
-def _embedding(m, common: dict, h: int, w: int) -> "EmbeddingModel":
-  kind = m.get("pooling", "gap")
-  if kind not in POOLINGS:
-    raise ValueError(f"model.pooling={kind!r} is unknown; use one of {POOLINGS}.")
-  if kind != "gap" and not m.neck:
-    raise ValueError(f"model.pooling={kind!r} needs a neck (model.neck = d > 0).")
-  if kind == "gap":
-    pooling = poolings.GlobalAveragePooling()
-  else:
-    layers = dict(num_layers=m.num_layers, heads=m.heads, ffn=m.ffn, pos_embed=m.pos_embed,
-                  dtype=common["dtype"])
-    pooling = (poolings.ClassTokenEncoder(**layers) if kind == "vit" else
-               poolings.LearnedQueryDecoder(**layers, num_queries=m.num_queries))
-  head = EmbeddingHead(pooling, m.embed_dim, m.get("num_classes", 0))
-  encoder = FeatureMapEncoder(**common, normalize=m.get("normalize", False))
-  return EmbeddingModel(encoder=encoder, head=head)
-
-
-# Imported here, not at the top: transformer_pairs subclasses the encoders defined above.
-from jaxreid.matchers.transformer_pairs import (  # noqa: E402
-    _transformer_cat, _transformer_cross)
-
-# model.name → builder(model config, common encoder fields, map height, map width).
-METHODS = {"qaconv": _qaconv, "transmatcher": _transmatcher, "embedding": _embedding,
-           "transformer_cat": _transformer_cat, "transformer_cross": _transformer_cross}
-
-
-EMBEDDING_METHODS = ("embedding",)
-
-
-def is_embedding(model_cfg) -> bool:
-  """Whether `model.name` is an embedding method (vectors, cosine scores) or a pairwise matcher."""
-  return model_cfg.name in EMBEDDING_METHODS
+  dtype = compute_dtype(config)
+  return dict(backbone=backbones.get(m).build(m, dtype), neck=m.neck, input_norm=m.input_norm,
+              dtype=dtype)
 
 
 def init_variables(model: nn.Module, rng, height: int, width: int):
-  """Variables for every submodule (encoder and matcher), from two dummy images (jitted: eager
-  init of a ResNet takes seconds of op-by-op dispatch)."""
+  """Variables for every submodule (encoder and matcher/head), from two dummy images (jitted:
+  eager init of a ResNet takes seconds of op-by-op dispatch)."""
   images = jnp.zeros((2, height, width, 3), jnp.float32)
   return jax.jit(functools.partial(model.init, train=False))(rng, images)
+
+
+# ------------------------------------------------------------------------------------------------
+# The official encoder layout (QAConv, TransMatcher): 'base.*' ResNet, 'neck_conv.*' [+ 'neck_bn.*']
+
+
+def split_official(ckpt: Mapping) -> tuple[dict, dict]:
+  """(feature-model state, matcher state) of an official QAConv/TransMatcher checkpoint.
+
+  Accepts {"model": …, "criterion": {"matcher.…"}} as saved by the official code, or the same
+  flattened to one dict (keys "model.…"/"criterion.…", or "base.…"/"neck_conv.…"/"matcher.…").
+  """
+  if isinstance(ckpt.get("model"), Mapping):
+    model = flatten_state(ckpt["model"])
+    criterion = flatten_state(ckpt.get("criterion") or {})
+  else:
+    flat = flatten_state(ckpt)
+    model = strip_prefix(flat, "model.") or {
+        k: v for k, v in flat.items()
+        if isinstance(v, np.ndarray) and not k.startswith(("matcher.", "optim."))}
+    criterion = strip_prefix(flat, "criterion.") or flat
+  if model and all(k.startswith("module.") for k in model):
+    model = strip_prefix(model, "module.")
+  return model, strip_prefix(criterion, "matcher.")
+
+
+def neck_variables(model: Mapping):
+  """(params, neck channels, input channels) of neck_conv, with an optional neck_bn folded in."""
+  w = np.asarray(model["neck_conv.weight"], np.float32)
+  kernel = conv_kernel(w)
+  bias = np.asarray(model.get("neck_conv.bias", np.zeros(w.shape[0])), np.float32)
+  if "neck_bn.weight" in model:  # older official resmap: conv without bias + BatchNorm2d
+    scale = (np.asarray(model["neck_bn.weight"], np.float32)
+             / np.sqrt(np.asarray(model["neck_bn.running_var"], np.float32) + BN_EPS))
+    kernel = kernel * scale
+    bias = (bias - np.asarray(model["neck_bn.running_mean"], np.float32)) * scale + np.asarray(
+        model["neck_bn.bias"], np.float32)
+  return {"kernel": kernel, "bias": bias}, int(w.shape[0]), int(w.shape[1])

@@ -51,7 +51,8 @@ def test_checkpoint_of_another_method(tmp_path):
 def test_wrong_image_size(synthetic_data_dir, tmp_path):
   from configs import qaconv_gs
   from jaxreid.checkpoint import Checkpointer
-  from jaxreid.models import build_model, init_variables
+  from jaxreid.models import init_variables
+  from jaxreid.registry import build_model
   import jax
   config = qaconv_gs.get_config()
   config.model.update(depth=18, width=8, neck=16)

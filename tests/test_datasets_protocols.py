@@ -53,8 +53,8 @@ def test_train_market_test_market_and_duke_end_to_end(data_dir, tmp_path):
   """dataset.train=market1501, dataset.test=market1501,dukemtmc_reid: each test set is
   evaluated and reported separately in results.json."""
   from configs import qaconv_gs
-  from test_train import tiny
-  from jaxreid.train import train_and_evaluate
+  from training import tiny
+  from jaxreid.registry import train_and_evaluate
   config = tiny(qaconv_gs.get_config(), data_dir, epochs=1)
   config.dataset.train = "market1501"
   config.dataset.test = "market1501,dukemtmc_reid"

@@ -3,8 +3,9 @@ import jax
 import numpy as np
 
 from configs import qaconv_gs
-from jaxreid.convert import qaconv_from_official
-from jaxreid.models import build_model, init_variables
+from jaxreid.methods.qaconv.convert import qaconv_from_official
+from jaxreid.models import init_variables
+from jaxreid.registry import build_model
 from official_keys import DATA, official_shapes
 
 KEYS = DATA / "official_qaconv_resnet50_ibn_b_keys.txt"

@@ -15,8 +15,8 @@ import numpy as np
 from configs import qaconv_gs
 from jaxreid import parallel
 from jaxreid.checkpoint import restore_for_eval
-from jaxreid.train import train_and_evaluate
-from test_train import tiny
+from jaxreid.registry import train_and_evaluate
+from training import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,9 @@ WORKER = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
                                process_id=int(sys.argv[1]))
     assert jax.process_count() == 2 and jax.device_count() == 4
-    from test_train import tiny
+    from training import tiny
     from configs import qaconv_gs
-    from jaxreid.train import train_and_evaluate
+    from jaxreid.registry import train_and_evaluate
     config = tiny(qaconv_gs.get_config(), {data_dir!r}, epochs=1)
     config.train.stop_at_step = 1
     train_and_evaluate(config, {workdir!r})

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxreid.train import make_optimizer
+from jaxreid.train.optim import make_optimizer
 
 
 def train_cfg(**kw):

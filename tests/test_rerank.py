@@ -98,8 +98,9 @@ def untrained(synthetic_data_dir):
 
   from configs import qaconv_gs
   from jaxreid import parallel
-  from jaxreid.models import build_model, init_variables
-  from test_train import tiny
+  from jaxreid.models import init_variables
+  from jaxreid.registry import build_model
+  from training import tiny
   config = tiny(qaconv_gs.get_config(), synthetic_data_dir)
   config.eval.update(rerank=True, tlift=True, retrieval_top_k=5)
   model = build_model(config)
@@ -108,7 +109,7 @@ def untrained(synthetic_data_dir):
 
 
 def test_evaluate_matcher_reports_table_2_rows(untrained, tmp_path):
-  from jaxreid.evaluate import evaluate_matcher
+  from jaxreid.eval.evaluator import evaluate_matcher
   config, model, variables, mesh = untrained
   results = evaluate_matcher(config, model, variables, mesh, workdir=tmp_path)
   (summary,) = results["test"].values()
@@ -129,7 +130,7 @@ def test_evaluate_matcher_without_times_skips_tlift(untrained, monkeypatch):
   import dataclasses
 
   from jaxreid.data import datasets
-  from jaxreid.evaluate import evaluate_matcher
+  from jaxreid.eval.evaluator import evaluate_matcher
   config, model, variables, mesh = untrained
   load_split = datasets.load_split
   monkeypatch.setattr(datasets, "load_split", lambda *a, **k: dataclasses.replace(

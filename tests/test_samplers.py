@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxreid.samplers import GraphSampler, PKSampler
+from jaxreid.data.samplers import GraphSampler, PKSampler
 
 
 def _labels(num_classes=13, seed=0):
@@ -92,7 +92,7 @@ def test_bad_arguments():
 
 
 def test_random_sampler_visits_every_image_once_per_epoch():
-  from jaxreid.samplers import RandomSampler
+  from jaxreid.data.samplers import RandomSampler
   labels = np.repeat(np.arange(10), 5)
   sampler = RandomSampler(labels, batch_size=8, seed=3)
   plan = sampler.epoch_plan(0)

@@ -1,4 +1,4 @@
-"""tlift against a per-query loop written from METHODS.md."""
+"""tlift against a per-query loop written from the papers and docs/methods."""
 import numpy as np
 import pytest
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from jaxreid import viz
 from jaxreid.api import ReidModel
-from jaxreid.models import build_model, init_variables
+from jaxreid.models import init_variables
+from jaxreid.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,7 @@ def test_api_correspondences_transmatcher_per_decoder_layer():
     np.testing.assert_allclose(out["gallery_to_probe_score"][layer], s.max(2), rtol=1e-3,
                                atol=1e-3)
   # The scores are the values the decoder max-pools (same S_n as TransMatcher.__call__).
-  from jaxreid.matchers.transmatcher import projected_similarities
+  from jaxreid.methods.transmatcher.model import projected_similarities
   project = lambda x: np.einsum("bntd,nde->bnte", x.reshape(x.shape[0], n, hw, d), k) + b[:, None]
   pooled = np.asarray(projected_similarities(project(probe), project(gallery), weight))
   np.testing.assert_allclose(pooled[:, :, :, 0].transpose(2, 0, 1, 3),

@@ -1,12 +1,19 @@
-"""ResNet-18…152 in the torchvision layout, with optional IBN-b and frozen BN statistics.
+"""ResNet-18…152 in the torchvision layout, with optional IBN-b and frozen BN statistics, and its
+conversion from torchvision / IBN-Net state dicts (ImageNet weights, the `base.*` of official
+re-id checkpoints).
 
 Module names follow torchvision (`conv1`, `bn1`, `layer{i}_{j}/conv1`, `…/downsample_conv`) so that
-official PyTorch weights map one to one (see `jaxreid.convert`).
+PyTorch weights map one to one.
 """
-from typing import Any, Sequence
+import re
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
+
+from jaxreid.weights import conv_kernel, flatten_state, read_state_dict, some, strip_prefix
 
 STAGES = {
     18: ("basic", (2, 2, 2, 2)),
@@ -112,3 +119,164 @@ class ResNet(nn.Module):
                   norm=norm, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x)
         in_ch = out_ch
     return x
+
+
+def output_size(model_cfg, height: int, width: int) -> tuple[int, int]:
+  """Spatial size of the map after model.final_layer for an input of height × width."""
+  last = 32 if model_cfg.get("last_stride", 2) == 2 else 16
+  stride = {"layer2": 8, "layer3": 16, "layer4": last}[model_cfg.final_layer]
+  return -(-height // stride), -(-width // stride)
+
+
+def from_config(model_cfg, dtype) -> ResNet:
+  """The ResNet of the model config's depth, ibn, final_layer, last_stride, width, freeze_bn."""
+  return ResNet(model_cfg.depth, model_cfg.ibn, model_cfg.final_layer,
+                model_cfg.get("last_stride", 2), model_cfg.get("width", 64), model_cfg.freeze_bn,
+                dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision / IBN-Net state dicts
+
+_STEM = re.compile(r"^(conv1|bn1)\.(\w+)$")
+_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|IN|downsample\.[01])\.(\w+)$")
+_BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_IN_LEAVES = {"weight": ("params", "norm", "scale"), "bias": ("params", "norm", "bias")}
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = np.asarray(value, np.float32)
+
+
+def _flax_module(torch_module: str, layer: str | None, block: str | None) -> tuple:
+  name = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(
+      torch_module, torch_module)
+  return (name,) if layer is None else (f"layer{layer}_{block}", name)
+
+
+def _leaf(torch_module: str, leaf: str, stem_is_instance_norm: bool):
+  """(collection, *suffix) of a torch leaf, or None when it has no Flax counterpart."""
+  if torch_module.startswith("conv") or torch_module == "downsample.0":
+    return ("params", "kernel") if leaf == "weight" else None
+  if torch_module == "IN" or (torch_module == "bn1" and stem_is_instance_norm):
+    return _IN_LEAVES.get(leaf)
+  return _BN_LEAVES.get(leaf)
+
+
+def resnet_from_torch(state: Mapping, prefix: str = "", final_layer: str = "layer4"):
+  """(params, batch_stats) of the Flax ResNet from a torchvision / IBN-Net state dict.
+
+  Keys are read under `prefix` (e.g. "base."); `num_batches_tracked`, the ImageNet classifier
+  `fc.*` and the layers after `final_layer` are ignored. A stem `bn1` without running statistics
+  is IBN-b's InstanceNorm. Any other key raises ValueError.
+  """
+  if final_layer not in FINAL_LAYERS:
+    raise ValueError(f"final_layer={final_layer!r}; use one of {FINAL_LAYERS}.")
+  last = int(final_layer[-1])
+  state = strip_prefix(state, prefix)
+  stem_in = "bn1.weight" in state and "bn1.running_mean" not in state
+  variables, unexpected = {"params": {}, "batch_stats": {}}, []
+  for key, value in state.items():
+    if key.endswith("num_batches_tracked") or key.startswith("fc."):
+      continue
+    stem, block = _STEM.match(key), _BLOCK.match(key)
+    if stem:
+      layer, index, module, leaf = None, None, *stem.groups()
+    elif block:
+      layer, index, module, leaf = block.groups()
+      if int(layer) > last:
+        continue
+    else:
+      unexpected.append(prefix + key)
+      continue
+    target = _leaf(module, leaf, stem_in and layer is None)
+    if target is None:
+      unexpected.append(prefix + key)
+      continue
+    if target[-1] == "kernel":
+      value = conv_kernel(value)
+    _set(variables[target[0]], _flax_module(module, layer, index) + target[1:], value)
+  if unexpected:
+    raise ValueError(f"{len(unexpected)} keys are not part of a torchvision/IBN-b ResNet: "
+                     f"{some(unexpected)}.")
+  return variables["params"], variables["batch_stats"]
+
+
+def block_counts(state: Mapping, prefix: str = "") -> list[int]:
+  """Residual blocks in layer1, layer2, … (only the layers present, in order)."""
+  counts = []
+  for i in range(1, 5):
+    found = {int(m.group(1)) for k in state
+             if (m := re.match(rf"^{re.escape(prefix)}layer{i}\.(\d+)\.", k))}
+    if not found:
+      break
+    counts.append(max(found) + 1)
+  return counts
+
+
+def infer_architecture(state: Mapping, prefix: str = "base.") -> dict:
+  """dict(depth, ibn, width) of the ResNet stored under `prefix`, from key names and shapes."""
+  if f"{prefix}conv1.weight" not in state:
+    raise ValueError(f"No ResNet found: the state dict has no '{prefix}conv1.weight'.")
+  if any(re.match(rf"^{re.escape(prefix)}layer\d\.\d+\.bn1\.(IN|BN)\.", k) for k in state):
+    raise ValueError("This ResNet is IBN-a (keys 'layer*.*.bn1.IN.*'); only IBN-b and plain "
+                     "ResNets are supported.")
+  counts = block_counts(state, prefix)
+  if not counts:
+    raise ValueError(f"No residual layers found under '{prefix}layer1.'.")
+  kind = "bottleneck" if f"{prefix}layer1.0.conv3.weight" in state else "basic"
+  depths = [d for d, (k, blocks) in sorted(STAGES.items())
+            if k == kind and list(blocks[:len(counts)]) == counts]
+  if not depths:
+    raise ValueError(f"A {kind} ResNet with {counts} blocks per layer matches no depth of "
+                     f"{sorted(STAGES)}.")
+  has_in = any(re.match(rf"^{re.escape(prefix)}layer\d\.\d+\.IN\.", k) for k in state)
+  stem_in = f"{prefix}bn1.running_mean" not in state
+  return dict(depth=depths[0], ibn="b" if has_in or stem_in else "none",
+              width=int(state[f"{prefix}conv1.weight"].shape[0]))
+
+
+def deepest_layer(state: Mapping, prefix: str = "") -> str:
+  """The last of layer2/3/4 present in the state dict."""
+  n = len(block_counts(state, prefix))
+  if n < 2:
+    raise ValueError(f"The ResNet under '{prefix}' stops before layer2; jaxreid needs layer2 "
+                     "or deeper.")
+  return f"layer{n}"
+
+
+def load_pretrained(path, model_cfg):
+  """(params, batch_stats) of the ResNet of `model_cfg` from ImageNet weights (`model.pretrained`).
+
+  Accepts a bare torchvision / IBN-Net state dict or one under 'base.' / 'module.'; raises
+  ValueError when its depth, IBN or width differs from `model_cfg`.
+  """
+  state = flatten_state(read_state_dict(path))
+  prefix = next((p for p in ("", "module.", "base.", "module.base.")
+                 if f"{p}conv1.weight" in state), None)
+  if prefix is None:
+    raise ValueError(f"{path} holds no ResNet: there is no 'conv1.weight' key.")
+  arch = infer_architecture(state, prefix)
+  wanted = dict(depth=model_cfg.depth, ibn=model_cfg.ibn, width=model_cfg.get("width", 64))
+  if arch != wanted:
+    raise ValueError(f"{path} is a ResNet with {arch}, but the config has {wanted}; set "
+                     "model.depth/ibn/width to match or use other weights.")
+  return resnet_from_torch(state, prefix, model_cfg.final_layer)
+
+
+def layers_fitting(model: Mapping, arch: dict, in_channels: int | None) -> list[str]:
+  """Final-layer candidates of the ResNet under "base." of `model` (`arch` from
+  `infer_architecture`), preferred first: the layers whose width is `in_channels` (what a neck
+  conv takes), else layer3 first among those present."""
+  present = FINAL_LAYERS[:FINAL_LAYERS.index(deepest_layer(model, "base.")) + 1]
+  if in_channels is None:
+    return sorted(present, key=lambda name: name != "layer3")
+  channels = stage_channels(arch["depth"], arch["width"])
+  fits = [name for name in present if channels[int(name[-1]) - 1] == in_channels]
+  if not fits:
+    raise ValueError(f"neck_conv takes {in_channels} channels, which no layer of the "
+                     f"ResNet-{arch['depth']} (channels {channels}) gives.")
+  return fits

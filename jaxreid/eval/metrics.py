@@ -1,4 +1,4 @@
-"""CMC, mAP and mINP of a query × gallery score matrix (METHODS.md, evaluation protocol).
+"""CMC, mAP and mINP of a query × gallery score matrix (docs/README.md, evaluation protocol).
 
 No [P, G] temporary and no argsort: each block of queries is value-sorted (one copy of the
 block), and only the gallery entries that share the query's id (matches and same-camera junk)

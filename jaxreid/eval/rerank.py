@@ -20,8 +20,8 @@ _PAIRS_PER_STEP = 1 << 20
 def rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3) -> np.ndarray:
   """Re-ranked query × gallery distances, float32 [P, G] (lower = more similar).
 
-  Computes what the authors' dense `re_ranking` computes, with the distances not squared (the
-  METHODS.md choice): D = [[QQ, QG], [QGᵀ, GG]] (N = P + G), each column divided by its maximum
+  Computes what the authors' dense `re_ranking` computes, with the distances not squared (see
+  docs/README.md): D = [[QQ, QG], [QGᵀ, GG]] (N = P + G), each column divided by its maximum
   (which must be positive) and the result transposed, so row i ranks its neighbours by D[:, i];
   ties rank in index order (a stable sort); k-reciprocal sets of the k1 + 1 nearest, expanded by
   the sets of round(k1 / 2) + 1 nearest that overlap by more than 2/3; weights exp(-d)

@@ -22,6 +22,12 @@ from jaxreid.parallel import put_global as _put, replicated_to_host
 MatchFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
+@functools.lru_cache(maxsize=None)
+def match_fn(model):
+  """A stable (cacheable) pure function (variables, probe, gallery) → logits."""
+  return lambda variables, p, g: model.apply(variables, p, g, method="match")
+
+
 def score_matrix(match_fn: MatchFn, variables, probe, gallery, *, tile_p: int = 64,
                  tile_g: int = 256, mesh: jax.sharding.Mesh | None = None,
                  progress: bool = False) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Temporal Lifting, TLift (QAConv paper, Sec. 4; METHODS.md), vectorised per camera pair.
+"""Temporal Lifting, TLift (QAConv paper, Sec. 4; docs/README.md), vectorised per camera pair.
 
 Per (query camera, gallery camera) block the queries are sorted by time, so each query's
 co-occurring probes are one contiguous run of rows. The K-th largest score of a run is found

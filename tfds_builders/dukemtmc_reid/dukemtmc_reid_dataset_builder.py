@@ -10,7 +10,7 @@ except ImportError:  # `tfds build` imports this file with only tfds_builders/ o
   from tfds_builders import reid_common
 
 FPS = 59.94
-# Frame offset of cameras 1..8 that aligns them on one clock (METHODS.md, TLift).
+# Frame offset of cameras 1..8 that aligns them on one clock (docs/README.md, TLift).
 CAMERA_OFFSETS = (5542, 3606, 27243, 31181, 0, 22401, 18967, 46765)
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 NAME = re.compile(r"(\d+)_c([1-8])_f(\d+)\.jpg")   # 0001_c2_f0046182.jpg: pid, camera, frame

@@ -30,7 +30,7 @@ Market-1501-v15.09.15/            (from Market-1501-v15.09.15.zip; this folder, 
 def session_offsets(max_frames: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:
   """Frame offset of each (camera, session) from the max frame of each (camera, session).
 
-  TLift's rule (METHODS.md, as in the published TLift numbers): session 1 is unshifted; for
+  TLift's rule (docs/README.md, as in the published TLift numbers): session 1 is unshifted; for
   s = 2..6, offset_s = offset_{s-1} + (largest *already shifted* frame of session s-1, or 0 if
   it has no images), so the earlier offsets are counted twice.
   """

@@ -1,0 +1,46 @@
+"""One package per method (`methods/<name>/`: its Flax modules, objective, official-checkpoint
+converter and correspondence hook), each exporting a `Method` that `jaxreid.registry` lists.
+Methods import the shared layers below them and never each other."""
+import dataclasses
+from typing import Any, Callable, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What the rest of jaxreid needs to know about a method.
+
+  build(config) → the Flax model (`models.PairwiseModel` or `models.EmbeddingModel`) of
+    config.model for config.data.height × width; None for a method that runs on another
+    method's model (NFormer on the embedding model, named by config.model.name).
+  objectives: train.loss → `objectives.Objective`.
+  convert(state, input_size) → ({"model": overrides, "data": {height, width}}, variables) of an
+    official checkpoint; detect(flat keys) → whether a state dict is one of this method's.
+  correspondences(variables, probe, gallery) → argmax matches per layer, for drawing.
+  describe(model config) → the model in a few words (`ReidModel.__repr__`).
+  train(config, workdir, mesh) / evaluate(config, checkpoint, workdir) / load(checkpoint):
+    replace the standard pipeline (one image model: `train.loop.train_and_evaluate`,
+    `api.evaluate_checkpoint`, `api.ReidModel`) for a method with more stages.
+  """
+  name: str
+  kind: str                                   # "pairwise" | "embedding"
+  build: Callable[[Any], Any] | None
+  objectives: Mapping[str, Any]
+  convert: Callable[..., tuple] | None = None
+  detect: Callable[[list[str]], bool] | None = None
+  correspondences: Callable[..., dict] | None = None
+  describe: Callable[[Any], str] = lambda m: ""
+  train: Callable[..., dict] | None = None
+  evaluate: Callable[..., dict] | None = None
+  load: Callable[..., Any] | None = None
+
+  def train_and_evaluate(self, config, workdir, mesh=None) -> dict:
+    """Trains `config` in `workdir` (resuming) and evaluates; {} when stopped early."""
+    if self.train is not None:
+      return self.train(config, workdir, mesh)
+    from jaxreid.train.loop import train_and_evaluate
+    return train_and_evaluate(config, workdir, self, mesh)
+
+
+def has_key(keys, fragment: str) -> bool:
+  """Whether some dotted key contains `fragment` at a component boundary."""
+  return any(f".{k}".find(f".{fragment}") >= 0 for k in keys)

@@ -1,0 +1,226 @@
+"""The NFormer pipeline (docs/methods/nformer.md): stage 1 = the embedding baseline (ResNet →
+GAP → Linear → BNNeck, the paper's "Res50"), trained by the one training loop; stage 2 freezes
+it, encodes the train split (post-BN vectors, eval transform: the official code collects
+`model.eval()` outputs with TEST.NECK_FEAT "after"), L2-normalises them (option
+`nformer.normalize_train`) and trains the NFormer head on sets of them through the same loop;
+evaluation refines query + gallery as one set before cosine ranking.
+
+Stage 2 checkpoints live in workdir/nformer/, so an interrupted run resumes where it stopped;
+results.json holds both stages.
+"""
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxreid import parallel
+from jaxreid.checkpoint import Checkpointer, restore_for_eval
+from jaxreid.data import datasets, pipeline
+from jaxreid.eval.evaluator import evaluate_matcher, extract, jitted_encode, write_results
+from jaxreid.methods.nformer.stage1 import STAGE1, build_stage1
+from jaxreid.methods.nformer.model import NFormer
+from jaxreid.methods.nformer.refine import STAGE2_DIR, build_head
+from jaxreid.methods.nformer.objective import (SETS, create_state, make_optimizer, sample_sets,
+                                               set_shape, steps_per_epoch)
+from jaxreid.nn.norms import l2_normalize
+from jaxreid.train import loop
+
+def resolve(config) -> ml_collections.ConfigDict:
+  """A copy of `config` with nformer.dim (0 → model.embed_dim) filled in."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if not config.nformer.dim:
+    config.nformer.dim = int(config.model.embed_dim)
+  return config
+
+
+def train_stage2(config, features: np.ndarray, labels: np.ndarray, num_classes: int,
+                 workdir, log=None) -> tuple[dict, "TrainState"]:
+  """Trains the NFormer head of `config` (resolved, see `resolve`) on cached train `features`
+  [N, d], or [V, N, d] (V views, e.g. augmented extractions: epoch e uses view e mod V), with
+  `labels` (0..num_classes-1), through the training loop, resuming from
+  workdir/nformer/checkpoints. A batch is `sets_per_step` sets drawn by `sample_sets` for the
+  global step, so a resumed run draws the same sets. Returns ({"params", "batch_stats"}, final
+  state); ({}, state) when stopped by nformer.stop_at_step."""
+  nf = config.nformer
+  views = features if features.ndim == 3 else features[None]
+  if views.shape[-1] != nf.dim:
+    raise ValueError(f"nformer.dim={nf.dim} but the stage-1 features have {views.shape[-1]} "
+                     "dimensions; set nformer.dim=0 to follow model.embed_dim.")
+  units = np.asarray(l2_normalize(views))   # the neighbour search of every step ranks by cosine
+  if nf.normalize_train:
+    views = units
+  n = views.shape[1]
+  sets, size = set_shape(nf, n)
+  per_epoch = steps_per_epoch(nf, n)
+  head = build_head(nf, num_classes)
+  tx = make_optimizer(nf)
+
+  def batches(plan, epoch, start_batch):
+    view = epoch % len(views)
+    for step in plan[start_batch:, 0]:
+      yield sample_sets(views[view], labels, sets=sets, size=size, unit=units[view],
+                        seed=config.seed, step=int(step))
+
+  workdir = Path(workdir)
+  task = loop.Task(
+      name="nformer", state=create_state(head, tx, sets, size, jax.random.key(config.seed + 1)),
+      step=loop.make_train_step(head, tx, SETS, nf), epochs=int(nf.epochs),
+      plan=lambda epoch, state: (epoch * per_epoch + np.arange(per_epoch))[:, None],
+      batches=batches, evaluate=None, config=config, checkpoint_dir=workdir / STAGE2_DIR,
+      mesh=parallel.make_mesh(jax.local_devices()[:1]),   # sets are not sharded
+      log_every_steps=nf.log_every_steps, checkpoint_every_steps=nf.checkpoint_every_steps,
+      keep_checkpoints=config.train.keep_checkpoints, stop_at_step=nf.get("stop_at_step"))
+  workdir.mkdir(parents=True, exist_ok=True)
+  writer = loop.summary_writer(workdir)
+  try:
+    results, state = loop.run(task, log or logging.getLogger(__name__), writer)
+  finally:
+    writer.close()
+  if results is None:
+    return {}, state
+  return {"params": state.params, "batch_stats": state.batch_stats}, state
+
+
+def make_refiner(head: NFormer, variables, *, query_interaction: bool = False,
+                 landmark_seed: int = 0):
+  """refine(q [P, d], g [G, d]) → (q', g'): the L2-normalised query + gallery features refined as
+  one set, post-BN outputs. Queries attend to no other query unless `query_interaction`
+  (official code). Landmarks come from a fixed key, so every run gives the same result."""
+  key = jax.random.key(landmark_seed)
+
+  def refine(q, g):
+    q, g = np.asarray(q, np.float32), np.asarray(g, np.float32)
+    x = l2_normalize(np.concatenate([q, g]))
+    _, post, _ = head.apply(variables, x, key, num_queries=0 if query_interaction else len(q))
+    post = np.asarray(post)
+    return post[:len(q)], post[len(q):]
+
+  return refine
+
+
+def stage2_refiner(config, variables):
+  nf = config.nformer
+  head = build_head(nf, 0)
+  eval_vars = {"params": {k: v for k, v in variables["params"].items() if k != "classifier"},
+               "batch_stats": variables["batch_stats"]}
+  return make_refiner(head, eval_vars, query_interaction=bool(nf.query_interaction),
+                      landmark_seed=int(nf.landmark_seed))
+
+
+def _stage1(workdir: Path):
+  """(config, model, variables) of the stage-1 run in `workdir` (best, else latest)."""
+  saved, variables = restore_for_eval(str(workdir))
+  return saved, build_stage1(saved), variables
+
+
+def augmented_features(config, model, variables, split, mesh, view: int) -> np.ndarray:
+  """Stage-1 (eval-mode) vectors of every train image under the training augmentation
+  (data.augment), drawn for `view` — the official code re-extracts its train features through
+  the augmenting train loader before every NFormer epoch."""
+  batch_size = config.eval.batch_size
+  n = len(split)
+  plan = (np.arange(-(-n // batch_size) * batch_size) % n).reshape(-1, batch_size)
+  encode = jitted_encode(model, mesh)
+  variables = parallel.replicate(variables, mesh)
+  out = []
+  for batch in pipeline.train_batches(split, plan, epoch=view, seed=config.seed + 7919,
+                                      height=config.data.height, width=config.data.width,
+                                      augment=config.data.augment.to_dict(),
+                                      num_threads=config.data.num_threads):
+    images = parallel.put_global(batch["image"], parallel.batch_sharded(mesh))
+    out.append(parallel.replicated_to_host(encode(variables, images)))
+  return np.concatenate(out)[:n]
+
+
+def train_features(config, nf, model, variables, mesh, workdir: Path, step: int):
+  """The stage-1 post-BN vectors of the train split: [N, d] with the eval transform
+  (nformer.train_views = 0), or [V, N, d], V augmented extractions; cached in
+  workdir/nformer/train_features_<step>_<V>.npz. With the labels and the number of ids."""
+  split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir,
+                              manual_dir=config.dataset.manual_dir)
+  views = int(nf.get("train_views", 0))
+  path = workdir / STAGE2_DIR / f"train_features_{step}_{views}.npz"
+  if path.exists():
+    features = np.load(path)["features"]
+    if features.shape[-2] == len(split):
+      return features, split.labels, split.num_classes
+  if views:
+    features = np.stack([augmented_features(config, model, variables, split, mesh, v)
+                         for v in tqdm(range(views), desc="nformer: augmented train features",
+                                       leave=False)])
+  else:
+    features = extract(model, variables, split, config, mesh, desc="nformer: train features")
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, features=features)
+  return features, split.labels, split.num_classes
+
+
+def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
+  """`python main.py --config configs/nformer.py`: stage 1 (train_and_evaluate, the "Res50"
+  numbers), stage 2 on its cached train features, evaluation with NFormer refinement.
+  Returns (and writes to workdir/results.json) {"test": NFormer results per test set,
+  "stage1": the stage-1 results, "paper": the NFormer paper's numbers, ...}; {} when stopped
+  early by train.stop_at_step or nformer.stop_at_step."""
+  workdir = Path(workdir)
+  mesh = mesh or parallel.make_mesh()
+  t0 = time.time()
+  stage1 = loop.train_and_evaluate(config, workdir, STAGE1, mesh=mesh)
+  if not stage1:
+    return {}
+  s1_config, model, variables = _stage1(workdir)
+  if "test" not in stage1:       # stage 1 was already complete: evaluate it again
+    stage1 = {**evaluate_matcher(s1_config, model, variables, mesh), **stage1}
+  t1 = time.time()
+  config = resolve(config)
+  log = loop.file_logger(workdir)
+  features, labels, num_classes = train_features(s1_config, config.nformer, model, variables,
+                                                 mesh, workdir, int(stage1.get("step", 0)))
+  with config.unlocked():
+    config.nformer.num_classes = int(num_classes)
+    config.model.num_classes = int(s1_config.model.get("num_classes", 0))
+  nf_vars, state = train_stage2(config, features, labels, num_classes, workdir, log)
+  if not nf_vars:
+    return {}
+  t2 = time.time()
+  results = evaluate_matcher(s1_config, model, variables, mesh, workdir=workdir,
+                             refine=stage2_refiner(config, nf_vars))
+  first = next(iter(results["test"].values()))
+  ckpt = Checkpointer(workdir / STAGE2_DIR, keep=config.train.keep_checkpoints)
+  ckpt.save_best(state, config, first)
+  ckpt.wait()
+  ckpt.close()
+  results.update(
+      paper=config.nformer.paper.to_dict(), step=int(state.step),
+      stage1={k: stage1[k] for k in ("test", "paper", "step") if k in stage1},
+      seconds={"stage1": round(t1 - t0, 1), "stage2": round(t2 - t1, 1),
+               "eval": round(time.time() - t2, 1)})
+  log.info("nformer eval: %s", json.dumps(results["test"]))
+  write_results(workdir, results)
+  return results
+
+
+def evaluate(config, checkpoint: str, workdir: str | None = None, mesh=None) -> dict:
+  """--mode=eval for NFormer: the stage-1 run in `checkpoint` (a workdir) with the stage-2 head
+  of checkpoint/nformer, evaluated with refinement ("test") and without ("stage1"); written to
+  workdir/results.json when a workdir is given."""
+  checkpoint = Path(checkpoint)
+  mesh = mesh or parallel.make_mesh()
+  s1_config, model, variables = _stage1(checkpoint)
+  nf_config, nf_vars = restore_for_eval(str(checkpoint / STAGE2_DIR))
+  config = resolve(config)
+  with config.unlocked():
+    config.nformer.update({k: nf_config.nformer[k] for k in ("dim", "heads", "ffn", "layers")})
+  stage1 = evaluate_matcher(s1_config, model, variables, mesh)
+  results = evaluate_matcher(s1_config, model, variables, mesh, workdir=workdir,
+                             refine=stage2_refiner(config, nf_vars))
+  results.update(paper=config.nformer.paper.to_dict(), stage1=stage1,
+                 checkpoint=str(checkpoint))
+  if workdir is not None:
+    write_results(workdir, results)
+  return results

@@ -1,0 +1,127 @@
+"""Transformer layers and initialisers shared by the Transformer-based methods (TransMatcher's
+encoder, the Table 2 baselines, and the ViT-style poolings): post-LN encoder / decoder layers in
+torch `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer` maths (ReLU, no dropout), with
+xavier-uniform kernels and PyTorch's Linear bias init."""
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreid.weights import linear
+
+xavier = nn.initializers.xavier_uniform()
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's default Linear bias init: U(-1/√fan_in, 1/√fan_in)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def dense_layer(features, fan_in, dtype, name, zero_bias=False):
+  """nn.Dense with xavier-uniform kernel and PyTorch's Linear bias init (or a zero bias, as the
+  attention projections of torch nn.MultiheadAttention)."""
+  bias = nn.initializers.zeros if zero_bias else torch_bias_init(fan_in)
+  return nn.Dense(features, kernel_init=xavier, bias_init=bias, dtype=dtype, name=name)
+
+
+class TransformerEncoderLayer(nn.Module):
+  """Post-LN Transformer encoder layer (torch nn.TransformerEncoderLayer, ReLU, no dropout).
+
+  x [B, L, d] → LN1(x + SelfAttn(x)) → LN2(· + Linear2(ReLU(Linear1(·)))).
+  """
+  heads: int = 1
+  ffn: int = 2048
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    if d % self.heads:
+      raise ValueError(f"model.neck={d} is not divisible by model.heads={self.heads}.")
+    qkv = dense_layer(3 * d, d, self.dtype, "in_proj", zero_bias=True)(x)
+    q, k, v = (t.reshape(x.shape[:-1] + (self.heads, d // self.heads))
+               for t in jnp.split(qkv, 3, axis=-1))
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
+    attn = jax.nn.softmax(logits / math.sqrt(d // self.heads), axis=-1).astype(v.dtype)
+    y = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(x.shape)
+    y = dense_layer(d, d, self.dtype, "out_proj", zero_bias=True)(y)
+    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
+    x = ln("norm1")(x.astype(jnp.float32) + y.astype(jnp.float32))
+    y = dense_layer(self.ffn, d, self.dtype, "linear1")(x.astype(self.dtype))
+    y = dense_layer(d, self.ffn, self.dtype, "linear2")(nn.relu(y))
+    return ln("norm2")(x + y.astype(jnp.float32))
+
+
+class Attention(nn.Module):
+  """Multi-head attention (torch nn.MultiheadAttention maths, separate `query` / `key_value`
+  projections) of queries x against `memory` [G, T, d].
+
+  x [P, S, d] (the same queries for every memory) or [P, G, S, d] (one set per pair) → [P, G,
+  S, d]; with memory=None, self-attention of x [..., S, d] → [..., S, d]. The memory's key/value
+  projection runs once per gallery map, and that of x [P, S, d] once per probe map."""
+  heads: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, memory=None):
+    d = x.shape[-1]
+    if d % self.heads:
+      raise ValueError(f"model.neck={d} is not divisible by model.heads={self.heads}.")
+    split = lambda t: t.reshape(t.shape[:-1] + (self.heads, d // self.heads))
+    q = split(dense_layer(d, d, self.dtype, "query", zero_bias=True)(x))
+    k, v = jnp.split(dense_layer(2 * d, d, self.dtype, "key_value", zero_bias=True)(
+        x if memory is None else memory), 2, axis=-1)
+    k, v = split(k), split(v)
+    if memory is None:
+      spec = ("...shc,...thc->...hst", "...hst,...thc->...shc")
+    elif x.ndim == 3:
+      spec = ("pshc,gthc->pghst", "pghst,gthc->pgshc")
+    else:
+      spec = ("pgshc,gthc->pghst", "pghst,gthc->pgshc")
+    logits = jnp.einsum(spec[0], q, k, preferred_element_type=jnp.float32)
+    attn = jax.nn.softmax(logits / math.sqrt(d // self.heads), axis=-1).astype(v.dtype)
+    y = jnp.einsum(spec[1], attn, v)
+    y = y.reshape(y.shape[:-2] + (d,))
+    return dense_layer(d, d, self.dtype, "out_proj", zero_bias=True)(y)
+
+
+class TransformerDecoderLayer(nn.Module):
+  """Post-LN decoder layer (torch nn.TransformerDecoderLayer, ReLU, no dropout):
+  x → LN1(x + SelfAttn(x)) → LN2(· + CrossAttn(·, memory)) → LN3(· + Linear2(ReLU(Linear1(·)))).
+
+  x [P, S, d] (first layer: the probe maps) or [P, G, S, d], memory [G, T, d] → [P, G, S, d].
+  """
+  heads: int = 1
+  ffn: int = 512
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, memory):
+    d = x.shape[-1]
+    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
+    f32 = lambda t: t.astype(jnp.float32)
+    x = ln("norm1")(f32(x) + f32(Attention(self.heads, self.dtype, name="self_attn")(x)))
+    y = Attention(self.heads, self.dtype, name="cross_attn")(x.astype(self.dtype), memory)
+    if x.ndim == 3:
+      x = x[:, None]
+    x = ln("norm2")(x + f32(y))
+    y = dense_layer(self.ffn, d, self.dtype, "linear1")(x.astype(self.dtype))
+    y = dense_layer(d, self.ffn, self.dtype, "linear2")(nn.relu(y))
+    return ln("norm3")(x + f32(y))
+
+
+def encoder_layer_from_torch(state: Mapping, prefix: str) -> dict:
+  """Flax TransformerEncoderLayer params of a torch nn.TransformerEncoderLayer."""
+  attn = {"kernel": np.asarray(state[f"{prefix}self_attn.in_proj_weight"], np.float32).T,
+          "bias": np.asarray(state[f"{prefix}self_attn.in_proj_bias"], np.float32)}
+  norm = lambda name: {"scale": np.asarray(state[f"{prefix}{name}.weight"], np.float32),
+                       "bias": np.asarray(state[f"{prefix}{name}.bias"], np.float32)}
+  return {"in_proj": attn, "out_proj": linear(state, f"{prefix}self_attn.out_proj"),
+          "linear1": linear(state, f"{prefix}linear1"),
+          "linear2": linear(state, f"{prefix}linear2"),
+          "norm1": norm("norm1"), "norm2": norm("norm2")}

@@ -1,0 +1,41 @@
+"""The only list of method names. Everything that needs to know a method (the API, the command
+line, checkpoint loading) asks here; a new method is one line in `METHODS`."""
+from jaxreid.methods import Method, embedding, nformer, qaconv, transformer_pairs, transmatcher
+from jaxreid.weights import flatten_state
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    qaconv.METHOD,
+    transmatcher.METHOD,
+    *transformer_pairs.METHODS,
+    embedding.METHOD,
+    nformer.METHOD,
+)}
+
+
+def get(name: str) -> Method:
+  if name not in METHODS:
+    raise ValueError(f"model.name={name!r} is unknown; known methods: {sorted(METHODS)}.")
+  return METHODS[name]
+
+
+def method_of(config) -> Method:
+  """The method that trains and evaluates `config`: `config.method` where set (a pipeline on
+  another method's model, e.g. NFormer), else `config.model.name`."""
+  return get(config.get("method") or config.model.name)
+
+
+def build_model(config):
+  """The Flax model of `config.model` for inputs of `config.data.height × width`."""
+  return get(config.model.name).build(config)
+
+
+def detect(state) -> str | None:
+  """The method an official checkpoint belongs to, from its key names (None if unknown)."""
+  keys = list(flatten_state(state))
+  return next((m.name for m in METHODS.values() if m.detect is not None and m.detect(keys)),
+              None)
+
+
+def train_and_evaluate(config, workdir, mesh=None) -> dict:
+  """Trains and evaluates `config` with its method (see `method_of`); {} when stopped early."""
+  return method_of(config).train_and_evaluate(config, workdir, mesh)

@@ -1,0 +1,305 @@
+"""The one training loop.
+
+`run(task, …)` trains any `Task`: a train state, a pure step (state, batch) → (state, metrics),
+and per epoch a batch plan (saved in checkpoints, so a resumed run continues mid-epoch with the
+same batches) and the host batches it gives; it logs, checkpoints, resumes, honours
+`stop_at_step`, and calls the task's evaluation. `train_and_evaluate` builds the task of an
+image model trained by one of its method's objectives; NFormer's stage 2 builds its own.
+"""
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxreid import backbones, parallel
+from jaxreid.checkpoint import Checkpointer
+from jaxreid.data import datasets, pipeline, samplers
+from jaxreid.eval.evaluator import evaluate_matcher, extract, match_fn, write_results
+from jaxreid.eval.scoring import score_matrix
+from jaxreid.models import init_variables
+from jaxreid.objectives import Objective
+from jaxreid.train.optim import make_optimizer
+from jaxreid.train.state import TrainState
+
+
+class Task(NamedTuple):
+  """One training run for `run`.
+
+  plan(epoch, state) → the epoch's plan, an array whose rows are its batches;
+  batches(plan, epoch, start_batch) → host batches for plan rows start_batch…;
+  evaluate(state) → results {"test": {name: metrics}, …}, called after the epochs
+  `eval_every_epochs` picks and after the last one (None: never).
+  """
+  name: str                      # log / TensorBoard prefix ("" for the main model)
+  state: TrainState
+  step: Callable                 # pure (state, batch) → (state, metrics)
+  epochs: int
+  plan: Callable[[int, TrainState], np.ndarray]
+  batches: Callable[[np.ndarray, int, int], Iterator[dict]]
+  evaluate: Callable[[TrainState], dict] | None
+  config: Any                    # saved with every checkpoint
+  checkpoint_dir: Path
+  mesh: Any                      # state replicated, batches sharded on their first axis
+  log_every_steps: int = 10
+  checkpoint_every_steps: int = 1000
+  keep_checkpoints: int = 2
+  eval_every_epochs: int = 0
+  stop_at_step: int | None = None
+
+
+def make_train_step(model, tx, objective: Objective, train_cfg):
+  """(state, batch) → (state, metrics): the objective's loss and gradients, the optimiser
+  update, then the objective's memory update; batch = {"image" uint8 [B,H,W,3], "label" [B]}."""
+
+  def loss_fn(params, state, batch):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    return objective.loss(model, variables, state, batch, train_cfg)
+
+  def train_step(state: TrainState, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (batch_stats, aux, metrics)), grads = grad_fn(state.params, state, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    memory = objective.update_memory(state.memory, aux, batch, train_cfg)
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, memory=memory)
+    return new_state, metrics
+
+  return train_step
+
+
+def create_train_state(config, model, tx, objective: Objective, num_classes: int,
+                       rng) -> TrainState:
+  """Initial state: fresh variables (the backbone from model.pretrained when set), the
+  optimiser state and the objective's memory."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = init_variables(model, init_rng, config.data.height, config.data.width)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  if config.model.get("pretrained"):
+    bb_params, bb_stats = backbones.get(config.model).load_pretrained(config.model.pretrained,
+                                                                      config.model)
+    params = _replace_subtree(params, ("encoder", "backbone"), bb_params)
+    if bb_stats:
+      batch_stats = _replace_subtree(batch_stats, ("encoder", "backbone"), bb_stats)
+  memory = objective.init_memory(config, params, num_classes, init_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=batch_stats, opt_state=tx.init(params),
+                    memory=memory, rng=state_rng)
+
+
+def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
+  """A copy of `tree` with tree[path] replaced by `new` (shapes must agree)."""
+  old = tree
+  for key in path:
+    old = old[key]
+  if jax.tree.structure(old) != jax.tree.structure(new):
+    raise ValueError(f"model.pretrained does not fit {'/'.join(path)}: parameter names differ.")
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+    if a.shape != b.shape:
+      raise ValueError(f"model.pretrained does not fit {'/'.join(path)}: shape {b.shape} where "
+                       f"the model has {a.shape}.")
+  out = dict(tree)
+  out[path[0]] = _replace_subtree(tree[path[0]], path[1:], new) if len(path) > 1 else new
+  return out
+
+
+def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
+  """A copy of `tree` with tree[path] replaced by `new` (shapes must agree)."""
+  old = tree
+  for key in path:
+    old = old[key]
+  if jax.tree.structure(old) != jax.tree.structure(new):
+    raise ValueError(f"model.pretrained does not fit {'/'.join(path)}: parameter names differ.")
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+    if a.shape != b.shape:
+      raise ValueError(f"model.pretrained does not fit {'/'.join(path)}: shape {b.shape} where "
+                       f"the model has {a.shape}.")
+  out = dict(tree)
+  out[path[0]] = _replace_subtree(tree[path[0]], path[1:], new) if len(path) > 1 else new
+  return out
+
+
+def make_sampler(config, train_split):
+  d = config.data
+  cls = {"gs": samplers.GraphSampler, "pk": samplers.PKSampler,
+         "random": samplers.RandomSampler}.get(d.sampler)
+  if cls is None:
+    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs', 'pk' or 'random'.")
+  return cls(train_split.labels, batch_size=d.batch_size, num_instances=d.num_instances,
+             seed=config.seed)
+
+
+def epoch_plan(config, sampler, model, state, train_split, mesh, epoch: int) -> np.ndarray:
+  """The batches of one epoch; the graph sampler first scores one image per class."""
+  if not isinstance(sampler, samplers.GraphSampler):
+    return sampler.epoch_plan(epoch)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  reps = sampler.representatives(epoch)
+  maps = extract(model, variables, train_split, config, mesh, indices=reps,
+                 desc=f"graph sampler, epoch {epoch + 1}")
+  scores = score_matrix(match_fn(model), variables, maps, maps, tile_p=config.eval.tile_p,
+                        tile_g=config.eval.tile_g, mesh=mesh)
+  return sampler.epoch_plan(epoch, -scores)
+
+
+def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainState]:
+  """Trains `task` from its last checkpoint in task.checkpoint_dir to the end of its epochs.
+
+  Returns (results of the last evaluation or {}, final state); (None, state) when stopped by
+  `stop_at_step` (checkpointed: rerun to resume).
+  """
+  prefix = f"{task.name} " if task.name else ""
+  tag = f"{task.name}/" if task.name else ""
+  state = parallel.replicate(task.state, task.mesh)
+  ckpt = Checkpointer(task.checkpoint_dir, keep=task.keep_checkpoints)
+  start_epoch, start_batch, plan = 0, 0, None
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, data_state = restored
+    start_epoch, start_batch = int(data_state["epoch"]), int(data_state["batch"])
+    plan = data_state.get("plan") if start_batch > 0 else None   # None: task.plan draws it again
+    log.info("%sresumed from step %d (epoch %d, batch %d)", prefix, int(state.step),
+             start_epoch + 1, start_batch)
+  step_fn = parallel.jit_train_step(task.step, task.mesh)
+  results = {}
+  try:
+    for epoch in range(start_epoch, task.epochs):
+      if plan is None:
+        plan = task.plan(epoch, state)
+      total = task.epochs * len(plan)
+      bar = tqdm(task.batches(plan, epoch, start_batch), total=len(plan) - start_batch,
+                 desc=f"{prefix}epoch {epoch + 1}/{task.epochs}", leave=False,
+                 dynamic_ncols=True)
+      t0 = time.time()
+      for b, batch in enumerate(bar, start=start_batch):
+        state, metrics = step_fn(state, parallel.shard_batch(batch, task.mesh))
+        step = int(state.step)
+        if step % task.log_every_steps == 0 or b == len(plan) - 1:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.3f}")
+          for k, v in m.items():
+            writer.add_scalar(f"{tag}train/{k}", v, step)
+          writer.add_scalar(f"{tag}train/steps_per_s", (b + 1 - start_batch) / (time.time() - t0),
+                            step)
+          log.info("%sstep %d/%d epoch %d: %s", prefix, step, total, epoch + 1,
+                   " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        data_state = {"epoch": epoch, "batch": b + 1, "plan": plan}
+        if step % task.checkpoint_every_steps == 0:
+          ckpt.save(state, data_state, task.config)
+        if task.stop_at_step is not None and step >= task.stop_at_step:
+          ckpt.save(state, data_state, task.config, force=True)
+          log.info("%sstopped at step %d (stop_at_step); rerun to resume", prefix, step)
+          return None, state
+      bar.close()
+      start_batch, plan = 0, None
+      ckpt.save(state, {"epoch": epoch + 1, "batch": 0, "plan": np.full((1, 1), -1)},
+                task.config, force=True)
+      every = task.eval_every_epochs
+      if task.evaluate is not None and (epoch + 1 == task.epochs
+                                        or (every and (epoch + 1) % every == 0)):
+        results = task.evaluate(state)
+        for name, r in results["test"].items():
+          for k in ("mAP", "R1"):
+            writer.add_scalar(f"{tag}eval/{name}/{k}", r[k], int(state.step))
+        ckpt.save_best(state, task.config, next(iter(results["test"].values())))
+        log.info("%sepoch %d eval: %s", prefix, epoch + 1, json.dumps(results["test"]))
+  finally:
+    ckpt.wait()
+    ckpt.close()
+  return results, state
+
+
+def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
+  """Trains the image model of `config` with `method`'s objective `train.loss` in `workdir`
+  (resuming from its last checkpoint) and evaluates the result.
+
+  `method`: the registry entry (its `build` and `objectives`); `mesh` defaults to all devices.
+  Returns the final results dict (also written to `workdir/results.json`); {} when stopped
+  early by `train.stop_at_step`.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  log = file_logger(workdir)
+  (workdir / "config.json").write_text(config.to_json(indent=2))
+  objective = method.objectives.get(config.train.loss)
+  if objective is None:
+    raise ValueError(f"train.loss={config.train.loss!r} is not an objective of "
+                     f"{method.name}; use one of {sorted(method.objectives)}.")
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_divisible(config.data.batch_size, mesh, "data.batch_size")
+  train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir,
+                                    manual_dir=config.dataset.manual_dir)
+  if "num_classes" in config.model and not config.model.num_classes:
+    with config.unlocked():  # the classifier covers the training ids; saved with the config
+      config.model.num_classes = train_split.num_classes
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+  model = method.build(config)
+  sampler = make_sampler(config, train_split)
+  tx = make_optimizer(config.train, sampler.num_batches)
+  state = create_train_state(config, model, tx, objective, train_split.num_classes,
+                             jax.random.key(config.seed))
+  d, t = config.data, config.train
+
+  def batches(plan, epoch, start_batch):
+    for batch in pipeline.train_batches(
+        train_split, plan, slots=parallel.process_slice(plan.shape[1]), epoch=epoch,
+        start_batch=start_batch, seed=config.seed, height=d.height, width=d.width,
+        augment=d.augment.to_dict() if d.augment else None, num_threads=d.num_threads):
+      yield {"image": batch["image"], "label": batch["label"]}
+
+  def evaluate(state):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return evaluate_matcher(config, model, variables, mesh, workdir=workdir)
+
+  task = Task(
+      name="", state=state, step=make_train_step(model, tx, objective, t), epochs=t.epochs,
+      plan=lambda epoch, state: epoch_plan(config, sampler, model, state, train_split, mesh,
+                                           epoch),
+      batches=batches, evaluate=evaluate, config=config, checkpoint_dir=workdir, mesh=mesh,
+      log_every_steps=t.log_every_steps, checkpoint_every_steps=t.checkpoint_every_steps,
+      keep_checkpoints=t.keep_checkpoints, eval_every_epochs=t.eval_every_epochs,
+      stop_at_step=t.get("stop_at_step"))
+  writer = summary_writer(workdir)
+  try:
+    results, state = run(task, log, writer)
+  finally:
+    writer.close()
+  if results is None:
+    return {}
+  results["step"] = int(state.step)
+  write_results(workdir, results)
+  return results
+
+
+def file_logger(workdir: Path) -> logging.Logger:
+  log = logging.getLogger(f"jaxreid.{workdir.absolute()}")
+  if not log.handlers:
+    handler = logging.FileHandler(workdir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+  return log
+
+
+def summary_writer(workdir: Path):
+  from tensorboardX import SummaryWriter
+  if jax.process_index() != 0:
+    return _NullWriter()
+  return SummaryWriter(str(workdir / "tensorboard"))
+
+
+class _NullWriter:
+  def add_scalar(self, *args, **kwargs):
+    pass
+
+  def close(self):
+    pass

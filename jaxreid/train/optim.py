@@ -1,0 +1,72 @@
+"""Optimisers: per-group gradient clipping, L2 weight decay, SGD (nesterov) or Adam on a step
+schedule with an optional linear warmup; the backbone (params/encoder/backbone) at
+`train.backbone_lr_mult` × the lr."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _group_labels(params, groups: dict[str, tuple[str, ...]]):
+  """Labels each leaf by the group whose module-path prefix it falls under."""
+  def label(path, _):
+    names = tuple(getattr(k, "key", str(k)) for k in path)
+    for group, prefixes in groups.items():
+      if any(names[:len(p)] == p for p in prefixes):
+        return group
+    raise ValueError(f"parameter {'/'.join(names)} belongs to no optimiser group")
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+NEW_MODULES = (("encoder",), ("matcher",), ("head",))
+LR_GROUPS = {"backbone": (("encoder", "backbone"),), "new": NEW_MODULES}
+# The feature side (backbone, neck, encoders) and what scores its output (matcher or head).
+CLIP_GROUPS = {"features": (("encoder",),), "head": (("matcher",), ("head",))}
+
+
+def lr_schedule(train_cfg, steps_per_epoch: int):
+  """step → lr: ×lr_step_factor at each of lr_step_epochs, after a linear warmup over
+  `warmup_epochs` from warmup_factor·lr, the factor updated once per epoch (reid-strong-baseline's
+  WarmupMultiStepLR)."""
+  milestones = jnp.asarray(sorted(train_cfg.lr_step_epochs) or [1 << 30])
+  warmup = train_cfg.get("warmup_epochs", 0)
+  start = train_cfg.get("warmup_factor", 1.0)
+
+  def schedule(step):
+    epoch = step // steps_per_epoch
+    decay = train_cfg.lr_step_factor ** jnp.sum(epoch >= milestones)
+    if not warmup:
+      return train_cfg.lr * decay
+    alpha = jnp.minimum(epoch / warmup, 1.0)
+    return train_cfg.lr * decay * (start * (1 - alpha) + alpha)
+
+  return schedule
+
+
+def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Per-group gradient-norm clipping (features, head) → weight decay (L2, added to the gradient)
+  → SGD with nesterov momentum or Adam, on `lr_schedule`; the backbone's lr is scaled by
+  `backbone_lr_mult`."""
+  kind = train_cfg.get("optimizer", "sgd")
+  if kind not in OPTIMIZERS:
+    raise ValueError(f"train.optimizer={kind!r} is unknown; use one of {OPTIMIZERS}.")
+  schedule = lr_schedule(train_cfg, steps_per_epoch)
+
+  def optimizer(mult):
+    lr = lambda step: schedule(step) * mult
+    if kind == "adam":
+      return optax.adam(lr)
+    return optax.sgd(lr, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)
+
+  clip = (optax.clip_by_global_norm(train_cfg.clip_norm) if train_cfg.clip_norm > 0
+          else optax.identity())
+  clip_labels = functools.partial(_group_labels, groups=CLIP_GROUPS)
+  lr_labels = functools.partial(_group_labels, groups=LR_GROUPS)
+  return optax.chain(
+      optax.multi_transform({"features": clip, "head": clip}, clip_labels),
+      optax.add_decayed_weights(train_cfg.weight_decay),
+      optax.multi_transform({"backbone": optimizer(train_cfg.backbone_lr_mult),
+                             "new": optimizer(1.0)}, lr_labels))
