@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreid import backbones
+from jaxreid.backbones.resnet import resnet_to_torch
 from jaxreid.nn.norms import cosine_similarity, l2_normalize
 from jaxreid.nn.transformer import TransformerEncoderLayer
-from jaxreid.weights import BN_EPS, conv_kernel, flatten_state, strip_prefix
+from jaxreid.weights import BN_EPS, conv_kernel, flatten_state, strip_prefix, torch_conv
 
 INPUT_NORMS = {  # (mean, std) applied to [0, 1] pixels
     "none": (0.0, 1.0),
@@ -230,3 +231,14 @@ def neck_variables(model: Mapping):
     bias = (bias - np.asarray(model["neck_bn.running_mean"], np.float32)) * scale + np.asarray(
         model["neck_bn.bias"], np.float32)
   return {"kernel": kernel, "bias": bias}, int(w.shape[0]), int(w.shape[1])
+
+
+def encoder_to_official(variables: Mapping) -> dict:
+  """The official feature-model state ('base.*' ResNet, 'neck_conv.*') of the shared encoder's
+  variables; the inverse of `split_official` + `neck_variables` for a neck with a bias."""
+  params, stats = variables["params"]["encoder"], variables["batch_stats"].get("encoder", {})
+  out = resnet_to_torch(params["backbone"], stats.get("backbone", {}), "base.")
+  if "neck_conv" in params:
+    out["neck_conv.weight"] = torch_conv(params["neck_conv"]["kernel"])
+    out["neck_conv.bias"] = np.asarray(params["neck_conv"]["bias"], np.float32)
+  return out

@@ -151,3 +151,28 @@ def some(items, n: int = 6) -> str:
   items = list(items)
   more = f" and {len(items) - n} more" if len(items) > n else ""
   return ", ".join(items[:n]) + more
+
+
+# ------------------------------------------------------------------------------------------------
+# Flax leaves → torch modules (exporting to the official layouts)
+
+
+def torch_conv(kernel) -> np.ndarray:
+  """Flax HWIO → torch OIHW."""
+  return np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1))
+
+
+def torch_linear(params: Mapping, name: str) -> dict:
+  """{name.weight (out, in), name.bias} of a Flax Dense's params."""
+  out = {f"{name}.weight": np.asarray(params["kernel"], np.float32).T}
+  if "bias" in params:
+    out[f"{name}.bias"] = np.asarray(params["bias"], np.float32)
+  return out
+
+
+def torch_batch_norm(params: Mapping, stats: Mapping, name: str) -> dict:
+  """{name.weight, .bias, .running_mean, .running_var} of a BatchNorm's params and stats."""
+  return {f"{name}.weight": np.asarray(params["scale"], np.float32),
+          f"{name}.bias": np.asarray(params["bias"], np.float32),
+          f"{name}.running_mean": np.asarray(stats["mean"], np.float32),
+          f"{name}.running_var": np.asarray(stats["var"], np.float32)}

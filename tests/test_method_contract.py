@@ -2,8 +2,9 @@
 from its config file (configs/<name>.py, shrunk to a tiny model): build and init, `encode` /
 `match` shapes, one training step of each of its objectives that lowers nothing to NaN and
 moves the parameters, save → `jaxreid.load` of the run giving the same features and scores,
-and, where the method has an official-checkpoint detector, that it claims none of the others'
-runs. Registering a method puts it under this test."""
+the official-checkpoint converter's round trip (export to the official layout, convert back:
+the same variables and architecture) where the method has one, and that no detector claims a
+jaxreid run. Registering a method puts it under this test."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +112,22 @@ def test_detectors_claim_only_their_own_official_layout(method_case):
   name, method, config, model, variables = method_case
   keys = list(flatten_state({"model": variables["params"]}))
   assert registry.detect({k: 0 for k in keys}) is None, name
+
+
+def test_official_converter_round_trip(method_case):
+  name, method, config, model, variables = method_case
+  if method.convert is None:
+    assert method.export is None, f"{name} exports but cannot convert back"
+    return
+  assert method.export is not None, f"{name} converts official checkpoints but has no export"
+  variables = jax.tree.map(lambda x: x + 0.01 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
+                           variables)
+  state = method.export(variables)
+  assert registry.detect(state) == name
+  overrides, converted = method.convert(state, (H, W))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+               converted, jax.tree.map(np.asarray, variables))
+  for field, value in overrides["model"].items():
+    if field in config.model and field != "normalize":
+      assert config.model[field] == value, (name, field, config.model[field], value)
+  assert (overrides["data"]["height"], overrides["data"]["width"]) == (H, W)

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreid.weights import conv_kernel, flatten_state, read_state_dict, some, strip_prefix
+from jaxreid.weights import (conv_kernel, flatten_state, read_state_dict, some, strip_prefix,
+                             torch_batch_norm, torch_conv)
 
 STAGES = {
     18: ("basic", (2, 2, 2, 2)),
@@ -280,3 +281,29 @@ def layers_fitting(model: Mapping, arch: dict, in_channels: int | None) -> list[
     raise ValueError(f"neck_conv takes {in_channels} channels, which no layer of the "
                      f"ResNet-{arch['depth']} (channels {channels}) gives.")
   return fits
+
+
+def resnet_to_torch(params: Mapping, batch_stats: Mapping, prefix: str = "") -> dict:
+  """The torchvision / IBN-Net state dict (keys under `prefix`) of the Flax ResNet's variables:
+  the inverse of `resnet_from_torch`."""
+  out = {}
+
+  def emit(name: str, leaves: Mapping, stats: Mapping | None) -> None:
+    if "kernel" in leaves:
+      out[f"{prefix}{name}.weight"] = torch_conv(leaves["kernel"])
+    elif "norm" in leaves:                               # IBN-b's affine InstanceNorm
+      out[f"{prefix}{name}.weight"] = np.asarray(leaves["norm"]["scale"], np.float32)
+      out[f"{prefix}{name}.bias"] = np.asarray(leaves["norm"]["bias"], np.float32)
+    else:
+      out.update(torch_batch_norm(leaves, stats, f"{prefix}{name}"))
+
+  for top, sub in params.items():
+    if not top.startswith("layer"):
+      emit(top, sub, batch_stats.get(top))
+      continue
+    layer, block = top[len("layer"):].split("_")
+    for name, leaves in sub.items():
+      torch_name = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(
+          name, name)
+      emit(f"layer{layer}.{block}.{torch_name}", leaves, batch_stats.get(top, {}).get(name))
+  return out

@@ -14,7 +14,8 @@ class Method:
     method's model (NFormer on the embedding model, named by config.model.name).
   objectives: train.loss → `objectives.Objective`.
   convert(state, input_size) → ({"model": overrides, "data": {height, width}}, variables) of an
-    official checkpoint; detect(flat keys) → whether a state dict is one of this method's.
+    official checkpoint; detect(flat keys) → whether a state dict is one of this method's;
+    export(variables) → the official checkpoint layout (NumPy), `convert`'s inverse.
   correspondences(variables, probe, gallery) → argmax matches per layer, for drawing.
   describe(model config) → the model in a few words (`ReidModel.__repr__`).
   train(config, workdir, mesh) / evaluate(config, checkpoint, workdir) / load(checkpoint):
@@ -27,6 +28,7 @@ class Method:
   objectives: Mapping[str, Any]
   convert: Callable[..., tuple] | None = None
   detect: Callable[[list[str]], bool] | None = None
+  export: Callable[[Any], dict] | None = None
   correspondences: Callable[..., dict] | None = None
   describe: Callable[[Any], str] = lambda m: ""
   train: Callable[..., dict] | None = None

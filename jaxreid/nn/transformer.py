@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreid.weights import linear
+from jaxreid.weights import linear, torch_linear
 
 xavier = nn.initializers.xavier_uniform()
 
@@ -125,3 +125,16 @@ def encoder_layer_from_torch(state: Mapping, prefix: str) -> dict:
           "linear1": linear(state, f"{prefix}linear1"),
           "linear2": linear(state, f"{prefix}linear2"),
           "norm1": norm("norm1"), "norm2": norm("norm2")}
+
+
+def encoder_layer_to_torch(params: Mapping, prefix: str) -> dict:
+  """The torch nn.TransformerEncoderLayer state of a `TransformerEncoderLayer`'s params."""
+  out = {f"{prefix}self_attn.in_proj_weight": np.asarray(params["in_proj"]["kernel"], np.float32).T,
+         f"{prefix}self_attn.in_proj_bias": np.asarray(params["in_proj"]["bias"], np.float32)}
+  out.update(torch_linear(params["out_proj"], f"{prefix}self_attn.out_proj"))
+  for name in ("linear1", "linear2"):
+    out.update(torch_linear(params[name], prefix + name))
+  for name in ("norm1", "norm2"):
+    out[f"{prefix}{name}.weight"] = np.asarray(params[name]["scale"], np.float32)
+    out[f"{prefix}{name}.bias"] = np.asarray(params[name]["bias"], np.float32)
+  return out

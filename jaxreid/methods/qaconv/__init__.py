@@ -24,5 +24,6 @@ METHOD = Method(
     name="qaconv", kind="pairwise", build=build,
     objectives={"memory": objective.CLASS_MEMORY, "pairwise": objectives.PAIRWISE_BCE,
                 "triplet": objectives.PAIRWISE_TRIPLET},
-    convert=convert.qaconv_from_official, detect=convert.detect, correspondences=correspondences,
+    convert=convert.qaconv_from_official, detect=convert.detect,
+    export=convert.qaconv_to_official, correspondences=correspondences,
     describe=lambda m: f"head {m.head}")

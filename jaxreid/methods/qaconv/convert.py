@@ -6,8 +6,8 @@ import numpy as np
 
 from jaxreid.backbones.resnet import infer_architecture, layers_fitting, resnet_from_torch
 from jaxreid.methods import has_key
-from jaxreid.models import feature_map_size, neck_variables, split_official
-from jaxreid.weights import DEFAULT_INPUT_SIZE, some
+from jaxreid.models import encoder_to_official, feature_map_size, neck_variables, split_official
+from jaxreid.weights import DEFAULT_INPUT_SIZE, some, torch_batch_norm, torch_linear
 
 
 def detect(keys) -> bool:
@@ -89,3 +89,13 @@ def qaconv_from_official(ckpt: Mapping, input_size=DEFAULT_INPUT_SIZE):
       "data": dict(height=int(input_size[0]), width=int(input_size[1])),
   }
   return overrides, variables
+
+
+def qaconv_to_official(variables: Mapping) -> dict:
+  """{"model": feature-model state, "criterion": {"matcher.*"}} as the official QAConv code
+  saves it; `qaconv_from_official` of it gives `variables` back."""
+  params, stats = variables["params"]["matcher"], variables["batch_stats"]["matcher"]
+  criterion = {**torch_batch_norm(params["bn"], stats["bn"], "matcher.bn"),
+               **torch_linear(params["fc"], "matcher.fc"),
+               **torch_batch_norm(params["logit_bn"], stats["logit_bn"], "matcher.logit_bn")}
+  return {"model": encoder_to_official(variables), "criterion": criterion}

@@ -37,5 +37,6 @@ METHOD = Method(
     name="transmatcher", kind="pairwise", build=build,
     objectives={"pairwise": objectives.PAIRWISE_BCE, "triplet": objectives.PAIRWISE_TRIPLET},
     convert=convert.transmatcher_from_official, detect=convert.detect,
+    export=convert.transmatcher_to_official,
     correspondences=correspondences,
     describe=lambda m: f"d {m.neck}, D {m.ffn}, N {m.num_layers}")

@@ -7,9 +7,10 @@ import numpy as np
 
 from jaxreid.backbones.resnet import infer_architecture, layers_fitting, resnet_from_torch
 from jaxreid.methods import has_key
-from jaxreid.models import feature_map_size, neck_variables, split_official
-from jaxreid.nn.transformer import encoder_layer_from_torch
-from jaxreid.weights import DEFAULT_INPUT_SIZE, batch_norm, count_layers, linear, some
+from jaxreid.models import encoder_to_official, feature_map_size, neck_variables, split_official
+from jaxreid.nn.transformer import encoder_layer_from_torch, encoder_layer_to_torch
+from jaxreid.weights import (DEFAULT_INPUT_SIZE, batch_norm, count_layers, linear, some,
+                             torch_batch_norm, torch_linear)
 
 _DECODER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _ENCODER_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
@@ -108,3 +109,29 @@ def transmatcher_from_official(ckpt: Mapping, input_size=DEFAULT_INPUT_SIZE):
       "data": dict(height=int(input_size[0]), width=int(input_size[1])),
   }
   return overrides, variables
+
+
+def transmatcher_to_official(variables: Mapping) -> dict:
+  """{"model": feature model with 'encoder.layers.*', "criterion": {"matcher.decoder.*"}} as
+  the official TransMatcher code saves it; the inverse of `transmatcher_from_official`."""
+  encoder = variables["params"]["encoder"]
+  model = encoder_to_official(variables)
+  for i in range(sum(k.startswith("layers_") for k in encoder)):
+    model.update(encoder_layer_to_torch(encoder[f"layers_{i}"], f"encoder.layers.{i}."))
+  params, stats = variables["params"]["matcher"], variables["batch_stats"]["matcher"]
+  criterion = {}
+  for i in range(sum(k.startswith("layers_") for k in params)):
+    p, layer, layer_stats = f"matcher.decoder.layers.{i}.", params[f"layers_{i}"], stats[f"layers_{i}"]
+    if "fc1_kernel" in params:
+      criterion.update(torch_linear({"kernel": params["fc1_kernel"][i],
+                                     "bias": params["fc1_bias"][i]}, p + "fc1"))
+    if "prior" in params:   # ours: probe × gallery location; official [1, 1, gallery, probe]
+      criterion[p + "score_embed"] = np.asarray(params["prior"][i], np.float32).T[None, None]
+    for bn in ("bn1", "bn2", "bn3"):
+      if bn in layer:
+        criterion.update(torch_batch_norm(layer[bn], layer_stats[bn], p + bn))
+    for fc in ("fc2", "fc3"):
+      if fc in layer:
+        criterion.update(torch_linear(layer[fc], p + fc))
+  criterion.update(torch_batch_norm(params["norm"], stats["norm"], "matcher.decoder.norm"))
+  return {"model": model, "criterion": criterion}
