@@ -33,20 +33,46 @@ flags.DEFINE_string("compilation_cache", "~/.cache/jaxreid/xla", "Persistent XLA
                     "directory ('' to disable).")
 
 
+def _config_argument(argv) -> str | None:
+  """The value of --config (either '--config X' or '--config=X')."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message.rstrip('.')}.", file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_flags(argv):
-  """absl flag parsing with one clear sentence for a bad --config override."""
+  """absl flag parsing with one clear sentence for a missing config file, an unknown setting, a
+  bad --config override or a value of the wrong type."""
+  spec = _config_argument(argv)
+  if spec is not None:
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+      configs = sorted(name for name in os.listdir("configs") if name.endswith(".py")
+                       and name not in ("__init__.py", "common.py")) if os.path.isdir(
+                           "configs") else []
+      _fail(f"config file {path} does not exist" + (f"; the configs are configs/"
+                                                     f"{{{','.join(configs)}}}" if configs else ""))
   try:
     return FLAGS(argv)
   except Exception as e:  # ml_collections raises AttributeError/KeyError/TypeError/ValueError
     message = str(e).strip().splitlines()[-1]
+    for prefix in ("ValueError: ", "KeyError: ", "AttributeError: ", "TypeError: "):
+      message = message.removeprefix(prefix)
     key = message.strip("\"'")
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     bad = [a for a in overrides if key in a.split("=")[0].split(".")]
     if bad and isinstance(e, (AttributeError, KeyError)):
-      message = f"{bad[0].split('=')[0]} names a field {key!r} that the config does not have"
-    print(f"error: {message.rstrip('.')}. Check the field names in the config file.",
-          file=sys.stderr)
-    sys.exit(2)
+      message = (f"{bad[0].split('=')[0]} names a field {key!r} that the config does not have; "
+                 "check the field names in the config file")
+    _fail(message)
 
 
 def default_workdir(config_path: str) -> str:

@@ -182,6 +182,9 @@ class ReidModel:
                        f"resize to {h}×{w} (bicubic) first.")
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
       raise ValueError(f"images must be uint8 or float in [0, 1]; got dtype {images.dtype}.")
+    if images.dtype != np.uint8 and np.isnan(images).any():
+      raise ValueError(f"images contain NaN ({int(np.isnan(images).sum())} values); pass uint8 "
+                       "or finite floats in [0, 1].")
     if images.dtype != np.uint8 and images.size and (images.max() > 1.001 or images.min() < -1e-3):
       raise ValueError(f"float images must lie in [0, 1]; got values in [{images.min():g}, "
                        f"{images.max():g}] (pass uint8 or divide by 255).")

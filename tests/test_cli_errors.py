@@ -21,13 +21,31 @@ def test_unknown_config_key_is_one_sentence():
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
       "error: --config.train.learning_rte names a field 'learning_rte' that the config does not "
-      "have. Check the field names in the config file."]
+      "have; check the field names in the config file."]
 
 
 def test_unknown_config_setting_names_the_choices():
   out = run_main("--config", "configs/qaconv_gs.py:nope")
   assert out.returncode == 2
-  assert "has no setting 'nope'" in out.stderr and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "error: configs/qaconv_gs.py has no setting 'nope'; use synthetic, market or msmt17_all."]
+
+
+@pytest.mark.parametrize("flag", [["--config", "configs/doesnotexist.py"],
+                                  ["--config=configs/doesnotexist.py:market"]])
+def test_missing_config_file_is_one_sentence(flag):
+  out = run_main(*flag)
+  assert out.returncode == 2
+  (line,) = out.stderr.strip().splitlines()
+  assert line.startswith("error: config file configs/doesnotexist.py does not exist; the configs "
+                         "are configs/{") and "transmatcher.py" in line, line
+
+
+def test_wrong_value_type_is_one_sentence_without_field_advice():
+  out = run_main("--config", "configs/qaconv_gs.py", "--config.train.lr=fast")
+  assert out.returncode == 2
+  (line,) = out.stderr.strip().splitlines()
+  assert "--config.train.lr=fast" in line and "float" in line and "field names" not in line
 
 
 def test_eval_with_missing_checkpoint(tmp_path):
@@ -68,3 +86,34 @@ def test_wrong_image_size(synthetic_data_dir, tmp_path):
   assert loaded.encode(np.zeros((2, 64, 32, 3), np.uint8)).shape == (2, 4, 2, 16)
   with pytest.raises(ValueError, match=r"expected images of 64×32, got 128×64"):
     loaded.encode(np.zeros((2, 128, 64, 3), np.uint8))
+  nan_images = np.full((2, 64, 32, 3), 0.5, np.float32)
+  nan_images[1, 3, 4, 0] = np.nan
+  with pytest.raises(ValueError, match=r"images contain NaN \(1 values\)"):
+    loaded.encode(nan_images)
+
+
+def test_post_processing_rejects_what_has_no_meaning():
+  """NaN scores have no rank; TLift lifts similarities in [0, 1]; λ lies in [0, 1]."""
+  rng = np.random.default_rng(0)
+  scores = rng.random((5, 7))
+  scores[2, 3] = np.nan
+  ids, cams = np.arange(7) % 5, np.ones(7)
+  with pytest.raises(ValueError, match=r"NaN \(first in query row 2\)"):
+    jaxreid.top_k(scores, 3)
+  with pytest.raises(ValueError, match=r"NaN \(first in query row 2\)"):
+    jaxreid.evaluate_ranking(scores, np.arange(5), ids, np.zeros(5), cams)
+  times_g, times_q = np.arange(7.0), np.arange(5.0)
+  with pytest.raises(ValueError, match=r"\[0, 1\].*and NaN"):
+    jaxreid.tlift(scores, np.zeros(7), times_g, np.zeros(5), times_q)
+  with pytest.raises(ValueError, match=r"got values in \[.*, 1.9"):
+    jaxreid.tlift(np.where(np.isnan(scores), 1.95, scores), np.zeros(7), times_g, np.zeros(5),
+                  times_q)
+  distances = rng.random((5, 7)), rng.random((5, 5)), rng.random((7, 7))
+  with pytest.raises(ValueError, match="lambda_value .* must lie in \\[0, 1\\]; got 1.5"):
+    jaxreid.rerank(*distances, lambda_value=1.5)
+  with pytest.raises(ValueError, match="contain NaN"):
+    jaxreid.rerank(scores, *distances[1:])
+  # What is valid still works: a similarity of exactly 0 or 1, and λ at its ends.
+  assert np.isfinite(jaxreid.tlift(np.clip(np.nan_to_num(scores), 0, 1), np.zeros(7), times_g,
+                                   np.zeros(5), times_q)).all()
+  assert jaxreid.rerank(*distances, lambda_value=1.0).shape == (5, 7)

@@ -48,7 +48,7 @@ def evaluate_ranking(scores, query_ids, gallery_ids, query_cams, gallery_cams, m
   block = query_block or max(1, _BLOCK_ELEMENTS // num_g)
   gallery = _Gallery(gallery_ids, gallery_cams)
   rank = lambda i: _rank_block(scores[i:i + block], query_ids[i:i + block],
-                               query_cams[i:i + block], gallery)
+                               query_cams[i:i + block], gallery, i)
   starts = range(0, num_p, block)
   with ThreadPoolExecutor(min(_threads(), len(starts))) as pool:
     blocks = list(pool.map(rank, starts))
@@ -79,10 +79,19 @@ def top_k(scores, k, *, query_block=None) -> tuple[np.ndarray, np.ndarray]:
   indices, values = [], []
   for i in range(0, len(scores), block):
     x = np.asarray(scores[i:i + block])
+    _check_no_nan(x, i)
     j = stable_smallest(-x, k)
     indices.append(j)
     values.append(np.take_along_axis(x, j, axis=1))
   return np.concatenate(indices), np.concatenate(values)
+
+
+def _check_no_nan(block, first_row: int) -> None:
+  """ValueError naming the first query row with a NaN score (NaN has no rank)."""
+  bad = np.isnan(block).any(axis=1)
+  if bad.any():
+    raise ValueError(f"scores contain NaN (first in query row {first_row + int(np.argmax(bad))}): "
+                     "NaN has no rank; a diverged model gives these, so check the model first.")
 
 
 def stable_smallest(x, k) -> np.ndarray:
@@ -136,9 +145,10 @@ class _Gallery:
     return rows, self.by_id[np.repeat(lo, counts) + within]
 
 
-def _rank_block(scores, qids, qcams, gallery):
+def _rank_block(scores, qids, qcams, gallery, first_row: int = 0):
   """Per query: 0-based filtered positions of the first and last match, #matches, AP."""
   scores = np.asarray(scores)
+  _check_no_nan(scores, first_row)
   if not np.issubdtype(scores.dtype, np.floating):
     scores = scores.astype(np.float64)
   b, g = scores.shape

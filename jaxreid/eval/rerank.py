@@ -34,7 +34,7 @@ def rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3) -> np.nd
   that after query expansion) and a few blocks of ~2M floats at a time. The inputs are only read by
   column slices and scattered lookups, so they may be np.memmap arrays.
   """
-  qg, qq, gg, k1, k2 = _check(q_g_dist, q_q_dist, g_g_dist, k1, k2)
+  qg, qq, gg, k1, k2 = _check(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value)
   num_p, num_g = qg.shape
   n = num_p + num_g
   k = min(k1 + 1, n)
@@ -57,7 +57,7 @@ def rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3) -> np.nd
   return _final(v, qg, col_max[:num_p], lambda_value)
 
 
-def _check(qg, qq, gg, k1, k2):
+def _check(qg, qq, gg, k1, k2, lambda_value):
   qg, qq, gg = (x if isinstance(x, np.ndarray) else np.asarray(x) for x in (qg, qq, gg))
   if qg.ndim != 2 or qq.shape != (len(qg),) * 2 or gg.shape != (qg.shape[1],) * 2:
     raise ValueError(f"rerank needs q_g_dist [P, G], q_q_dist [P, P], g_g_dist [G, G]; got "
@@ -66,6 +66,9 @@ def _check(qg, qq, gg, k1, k2):
     raise ValueError(f"rerank needs at least one query and one gallery item; got {qg.shape}.")
   if int(k1) != k1 or int(k2) != k2 or k1 < 1 or k2 < 1:
     raise ValueError(f"k1 and k2 must be integers >= 1; got k1={k1}, k2={k2}.")
+  if not 0 <= lambda_value <= 1:
+    raise ValueError(f"lambda_value weighs the original distance against the Jaccard distance "
+                     f"and must lie in [0, 1]; got {lambda_value}.")
   return qg, qq, gg, int(k1), int(k2)
 
 
@@ -84,7 +87,11 @@ def _columns(qg, qq, gg, start, stop):
   else:
     a, b = start - num_p, stop - num_p
     parts = (qg[:, a:b].T, gg[:, a:b].T)
-  return np.concatenate([np.asarray(x, np.float32) for x in parts], axis=1)
+  out = np.concatenate([np.asarray(x, np.float32) for x in parts], axis=1)
+  if np.isnan(out).any():
+    raise ValueError("rerank's distances contain NaN (a diverged model or a bad score-to-"
+                     "distance map); re-ranking needs finite distances.")
+  return out
 
 
 def _neighbours(qg, qq, gg, k):

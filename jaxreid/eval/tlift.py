@@ -48,6 +48,11 @@ def tlift(scores, gallery_cams, gallery_times, query_cams, query_times, tau=100.
       g_idx = np.flatnonzero(g_cams == gc)
       block = np.ix_(q_idx, g_idx)
       s = np.asarray(scores[block])
+      if s.size and not (s.min() >= -1e-6 and s.max() <= 1 + 1e-6):   # NaN fails both
+        raise ValueError(f"tlift lifts appearance similarities in [0, 1]; got values in "
+                         f"[{np.nanmin(s):g}, {np.nanmax(s):g}]{' and NaN' if np.isnan(s).any() else ''}"
+                         " (map logits first, e.g. sigmoid(s / 10), or use 1 - a re-ranked "
+                         "distance).")
       out[block] = (_weights(s, lo, hi, g_times[g_idx], sigma, int(K)) + alpha) * s
   return out
 
