@@ -1,10 +1,18 @@
-"""QAConv query × gallery scoring: tiled jitted scorer vs chunked NumPy on the same inputs.
+"""QAConv query × gallery scoring: tiled jitted scorer vs chunked NumPy, and vs the official
+QAConv v2.1 matcher driven as its evaluator drives it, on the same inputs.
+
+The official baseline needs a checkout of ShengcaiLiao/QAConv at v2.1 (nothing is downloaded):
+`--official DIR` names its reid/models folder; `qaconv.py` is imported from there, given the same
+weights, put in eval mode and called as `reid/evaluators.py` `pairwise_distance` does
+(make_kernel on the probes, gallery chunks of `--official-chunk` = 4 as there; `.cuda()` left
+out, float32, torch threads = cores).
 
 Each implementation runs in its own child process (so peak RSS is its own); the parent checks
 that both gave the same scores. Prints one JSON line per implementation and a summary line.
 
   python bench/bench_qaconv_scoring.py            # 24×8 maps, d=128, P=128, G=512
   python bench/bench_qaconv_scoring.py --quick    # tiny, seconds
+  python bench/bench_qaconv_scoring.py --official ~/src/QAConv/reid/models
 """
 import argparse
 import json
@@ -33,7 +41,11 @@ def parse_args(argv=None):
   parser.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true", help="tiny sizes (4×2 maps, d=16, 16×32)")
-  parser.add_argument("--impl", choices=["jax", "numpy"], help=argparse.SUPPRESS)
+  parser.add_argument("--official", help="folder of the official qaconv.py (reid/models of a "
+                      "QAConv v2.1 checkout)")
+  parser.add_argument("--official-chunk", type=int, default=4,
+                      help="gallery maps per official matcher call (the official evaluator: 4)")
+  parser.add_argument("--impl", choices=["jax", "numpy", "official"], help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.quick:
@@ -103,9 +115,41 @@ def jax_scorer(args, weights):
   return (lambda v, p, g: module.apply(v, p, g)), variables
 
 
+def official_scores(probe, gallery, weights, args):
+  """The official QAConv module with `weights`, called as the official evaluator calls it."""
+  import importlib.util
+  import torch
+  torch.set_grad_enabled(False)
+  spec = importlib.util.spec_from_file_location(
+      "official_qaconv", pathlib.Path(args.official).expanduser() / "qaconv.py")
+  official = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(official)
+  matcher = official.QAConv(args.dim, args.height, args.width)
+  one = lambda v: torch.full((1,), float(v))
+  state = {f"{name}.{leaf}": one(weights[name][key]) for name in ("bn", "logit_bn")
+           for leaf, key in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"),
+                             ("running_var", "var"))}
+  state["fc.weight"] = torch.from_numpy(weights["fc_kernel"])[None]
+  state["fc.bias"] = one(weights["fc_bias"])
+  missing, unexpected = matcher.load_state_dict(state, strict=False)
+  assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+  matcher.eval()
+  nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  prob, gal = nchw(probe), nchw(gallery)
+  score = torch.zeros(len(probe), len(gallery))
+  matcher.make_kernel(prob)
+  for k in range(0, len(gallery), args.official_chunk):
+    score[:, k:k + args.official_chunk] = matcher(gal[k:k + args.official_chunk])
+  return score.numpy()
+
+
 def run_child(args):
   probe, gallery, weights = make_inputs(args)
-  if args.impl == "numpy":
+  if args.impl == "official":
+    import torch
+    run = lambda: official_scores(probe, gallery, weights, args)
+    extra = {"torch_threads": torch.get_num_threads(), "chunk": args.official_chunk}
+  elif args.impl == "numpy":
     hw = args.height * args.width
     chunk = args.numpy_chunk or max(1, (256 << 20) // (4 * args.gallery * hw * hw))
     run = lambda: numpy_scores(probe, gallery, weights, chunk)
@@ -124,7 +168,8 @@ def run_child(args):
   np.save(args.out, scores)
   pairs = args.probes * args.gallery
   print(json.dumps({
-      "impl": {"jax": "jax_tiled_jit", "numpy": "numpy_chunked"}[args.impl],
+      "impl": {"jax": "jax_tiled_jit", "numpy": "numpy_chunked",
+               "official": "official_evaluator_cpu"}[args.impl],
       "pairs": pairs, "maps": [args.height, args.width, args.dim],
       "P": args.probes, "G": args.gallery, "wall_s": round(wall, 4),
       "first_call_s": round(first, 4), "pairs_per_s": round(pairs / wall, 1),
@@ -139,11 +184,16 @@ def main(argv=None):
   argv = list(argv if argv is not None else sys.argv[1:])
   results, outputs = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
-    for impl in ("jax", "numpy"):
+    for impl in ("jax", "numpy") + (("official",) if args.official else ()):
       results[impl], outputs[impl] = run_impl(__file__, argv, impl, tmp)
   diff = np.abs(outputs["jax"] - outputs["numpy"])
+  official = {}
+  if args.official and outputs["official"] is not None:
+    official = {"speedup_jax_over_official": round(
+                    results["jax"]["pairs_per_s"] / results["official"]["pairs_per_s"], 2),
+                "max_abs_diff_official": float(np.abs(outputs["jax"] - outputs["official"]).max())}
   print(json.dumps({
-      "summary": "qaconv_scoring", "speedup_jax_over_numpy":
+      "summary": "qaconv_scoring", **official, "speedup_jax_over_numpy":
           round(results["jax"]["pairs_per_s"] / results["numpy"]["pairs_per_s"], 2),
       "max_abs_diff": float(diff.max()),
       "max_rel_diff": float((diff / np.maximum(np.abs(outputs["numpy"]), 1.0)).max())}))

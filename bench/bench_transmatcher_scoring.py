@@ -1,6 +1,12 @@
-"""TransMatcher query × gallery scoring: tiled jitted scorer vs a straightforward PyTorch-CPU
-implementation of the same decoder on the same inputs, and the QAConv tiled scorer on maps of the
-same size for reference.
+"""TransMatcher query × gallery scoring: tiled jitted scorer vs the official TransMatcher matcher
+driven as the official evaluator drives it, vs a straightforward PyTorch-CPU implementation of the
+same decoder, and the QAConv tiled scorer on maps of the same size for reference.
+
+The official baseline needs a checkout of ShengcaiLiao/TransMatcher (nothing is downloaded):
+`--official DIR` names its QAConv/projects/transmatcher folder; the module is imported from
+there, given our weights through `transmatcher_to_official`, put in eval mode, and called as
+`reid/evaluators.py` `pairwise_distance` does (make_kernel on the probes, gallery chunks of
+`--official-chunk` = 4 as there; `.cuda()` left out, float32, torch threads = cores).
 
 Each implementation runs in its own child process (so peak RSS is its own); the parent checks
 that the JAX and PyTorch TransMatcher scores agree. Prints one JSON line per implementation and
@@ -8,6 +14,7 @@ a summary line.
 
   python bench/bench_transmatcher_scoring.py            # 24×8 maps, d=512, D=2048, N=3, 32×128
   python bench/bench_transmatcher_scoring.py --quick    # tiny, seconds
+  python bench/bench_transmatcher_scoring.py --official ~/src/TransMatcher/QAConv/projects/transmatcher
 """
 import argparse
 import json
@@ -21,7 +28,7 @@ from harness import peak_rss_mb, run_impl, timed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 IMPLS = {"jax": "transmatcher_jax_tiled_jit", "torch": "transmatcher_torch_cpu",
-         "qaconv": "qaconv_jax_tiled_jit"}
+         "qaconv": "qaconv_jax_tiled_jit", "official": "transmatcher_official_evaluator_cpu"}
 
 
 def parse_args(argv=None):
@@ -36,6 +43,10 @@ def parse_args(argv=None):
   parser.add_argument("--tile-p", type=int, default=32)
   parser.add_argument("--tile-g", type=int, default=64)
   parser.add_argument("--torch-chunk", type=int, default=8, help="gallery maps per torch step")
+  parser.add_argument("--official", help="folder of the official transmatcher.py "
+                      "(QAConv/projects/transmatcher of a TransMatcher checkout)")
+  parser.add_argument("--official-chunk", type=int, default=4,
+                      help="gallery maps per official matcher call (the official evaluator: 4)")
   parser.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true",
@@ -114,10 +125,46 @@ def torch_scores(probe, gallery, variables, args):
   return out.numpy()
 
 
+def official_scores(probe, gallery, variables, args):
+  """The official module with our weights, called as the official evaluator calls it."""
+  import importlib.util
+  import torch
+  sys.path.insert(0, str(REPO))
+  from jaxreid.methods.transmatcher.convert import matcher_to_official
+  torch.set_grad_enabled(False)
+  spec = importlib.util.spec_from_file_location(
+      "official_transmatcher", pathlib.Path(args.official).expanduser() / "transmatcher.py")
+  official = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(official)
+  hw = args.height * args.width
+  matcher = official.TransMatcher(hw, args.dim, args.layers, args.ffn)
+  state = matcher_to_official(variables["params"], variables["batch_stats"])
+  state = {k[len("matcher."):]: torch.from_numpy(np.ascontiguousarray(v))
+           for k, v in state.items()}
+  missing, unexpected = matcher.load_state_dict(state, strict=False)
+  assert not unexpected and all(k.startswith("decoder_layer.") or k.endswith(
+      "num_batches_tracked") for k in missing), (missing, unexpected)
+  matcher.eval()
+  # Official maps are the N layers concatenated on the channel axis: [B, h, w, N·d].
+  to_official = lambda x: torch.from_numpy(np.ascontiguousarray(
+      np.moveaxis(x, 1, 3).reshape(len(x), args.height, args.width, -1)))
+  prob, gal = to_official(probe), to_official(gallery)
+  score = torch.zeros(len(probe), len(gallery))
+  matcher.make_kernel(prob)
+  for k in range(0, len(gallery), args.official_chunk):
+    score[:, k:k + args.official_chunk] = matcher(gal[k:k + args.official_chunk])
+  return score.numpy()
+
+
 def run_child(args):
   probe, gallery = make_maps(args)
   extra = {}
-  if args.impl == "torch":
+  if args.impl == "official":
+    import torch
+    _, variables = transmatcher_variables(args)
+    run = lambda: official_scores(probe, gallery, variables, args)
+    extra = {"torch_threads": torch.get_num_threads(), "chunk": args.official_chunk}
+  elif args.impl == "torch":
     import torch
     _, variables = transmatcher_variables(args)
     run = lambda: torch_scores(probe, gallery, variables, args)
@@ -157,13 +204,19 @@ def main(argv=None):
     return run_child(args)
   argv = list(argv if argv is not None else sys.argv[1:])
   results, outputs = {}, {}
+  impls = ("jax", "torch", "qaconv") + (("official",) if args.official else ())
   with tempfile.TemporaryDirectory() as tmp:
-    for impl in ("jax", "torch", "qaconv"):
+    for impl in impls:
       results[impl], outputs[impl] = run_impl(__file__, argv, impl, tmp)
   diff = np.abs(outputs["jax"] - outputs["torch"])
   rate = lambda impl: results[impl]["pairs_per_s"]
+  official = {}
+  if args.official and outputs["official"] is not None:
+    off = np.abs(outputs["jax"] - outputs["official"])
+    official = {"speedup_jax_over_official": round(rate("jax") / rate("official"), 2),
+                "max_abs_diff_official": float(off.max())}
   print(json.dumps({
-      "summary": "transmatcher_scoring",
+      "summary": "transmatcher_scoring", **official,
       "speedup_jax_over_torch": round(rate("jax") / rate("torch"), 2),
       "transmatcher_over_qaconv_time": round(rate("qaconv") / rate("jax"), 2),
       "max_abs_diff": float(diff.max()),

@@ -118,10 +118,16 @@ def transmatcher_to_official(variables: Mapping) -> dict:
   model = encoder_to_official(variables)
   for i in range(sum(k.startswith("layers_") for k in encoder)):
     model.update(encoder_layer_to_torch(encoder[f"layers_{i}"], f"encoder.layers.{i}."))
-  params, stats = variables["params"]["matcher"], variables["batch_stats"]["matcher"]
+  return {"model": model, "criterion": matcher_to_official(variables["params"]["matcher"],
+                                                          variables["batch_stats"]["matcher"])}
+
+
+def matcher_to_official(params: Mapping, stats: Mapping) -> dict:
+  """The official matcher state ('matcher.decoder.*') of the Flax TransMatcher's variables."""
   criterion = {}
   for i in range(sum(k.startswith("layers_") for k in params)):
-    p, layer, layer_stats = f"matcher.decoder.layers.{i}.", params[f"layers_{i}"], stats[f"layers_{i}"]
+    p = f"matcher.decoder.layers.{i}."
+    layer, layer_stats = params[f"layers_{i}"], stats[f"layers_{i}"]
     if "fc1_kernel" in params:
       criterion.update(torch_linear({"kernel": params["fc1_kernel"][i],
                                      "bias": params["fc1_bias"][i]}, p + "fc1"))
@@ -134,4 +140,4 @@ def transmatcher_to_official(variables: Mapping) -> dict:
       if fc in layer:
         criterion.update(torch_linear(layer[fc], p + fc))
   criterion.update(torch_batch_norm(params["norm"], stats["norm"], "matcher.decoder.norm"))
-  return {"model": model, "criterion": criterion}
+  return criterion

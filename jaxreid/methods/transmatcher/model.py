@@ -29,17 +29,34 @@ def projected_similarities(probe, gallery, prior=None, gallery_chunk: int = 8):
 
   probe [P, N, S, d], gallery [G, N, S, d] (already through fc1), prior [N, S, S] weights
   (probe location × gallery location) or None → [P, G, N, 2, S]: index 0 of axis 3 maximises
-  over gallery locations (one value per probe location), index 1 over probe locations. Gallery
-  maps are taken `gallery_chunk` at a time, so only [P, chunk, N, S, S] similarities exist at once.
-  """
-  def one_gallery(gi):  # [N, S, d]
-    s = jnp.einsum("pntd,nrd->pntr", probe, gi, preferred_element_type=jnp.float32)
-    if prior is not None:
-      s = s * prior
-    return jnp.stack([s.max(axis=3), s.max(axis=2)], axis=2)   # [P, N, 2, S]
+  over gallery locations (one value per probe location), index 1 over probe locations.
 
-  pooled = jax.lax.map(one_gallery, gallery, batch_size=min(gallery_chunk, gallery.shape[0]))
-  return pooled.transpose(1, 0, 2, 3, 4)
+  Per layer the similarities of a gallery chunk are one plain matrix product
+  [P·S, d] × [d, chunk·S] on a probe block laid out once, outside the loop (a batched product
+  over the layer axis made XLA transpose the probes for every chunk); only [P, S, chunk, S]
+  similarities exist at once.
+  """
+  num_p, n, s, d = probe.shape
+  num_g = gallery.shape[0]
+  chunk = max(1, min(gallery_chunk, num_g))
+  queries = [probe[:, i].reshape(num_p * s, d) for i in range(n)]
+
+  def pooled_chunk(maps):  # [chunk, N, S, d] → [P, chunk, N, 2, S]
+    layers = []
+    for i in range(n):
+      sim = jnp.dot(queries[i], maps[:, i].reshape(-1, d).T,
+                    preferred_element_type=jnp.float32).reshape(num_p, s, -1, s)  # [P, t, c, r]
+      if prior is not None:
+        sim = sim * prior[i][None, :, None, :]
+      layers.append(jnp.stack([sim.max(axis=3).transpose(0, 2, 1), sim.max(axis=1)], axis=2))
+    return jnp.stack(layers, axis=2)
+
+  pad = -num_g % chunk
+  if pad:
+    gallery = jnp.concatenate([gallery, jnp.zeros((pad,) + gallery.shape[1:], gallery.dtype)])
+  pooled = jax.lax.map(pooled_chunk, gallery.reshape(-1, chunk, n, s, d))  # [G/c, P, c, N, 2, S]
+  pooled = pooled.transpose(1, 0, 2, 3, 4, 5).reshape(num_p, -1, n, 2, s)
+  return pooled[:, :num_g]
 
 
 def correspondences(probe, gallery, fc1_kernel=None, fc1_bias=None, prior_logits=None):

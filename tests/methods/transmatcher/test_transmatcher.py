@@ -229,3 +229,24 @@ def test_xavier_uniform_init():
     x = np.abs(np.asarray(x))
     assert x.max() <= bound and x.max() > 0.6 * bound, name
   assert not np.allclose(params["prior"][0], params["prior"][1])   # one draw per layer
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_projected_similarities_equal_brute_force_for_any_gallery_chunk(chunk):
+  """Max-pooled prior-weighted similarities against a float64 loop over pairs, with gallery
+  counts that do not divide the chunk (the last chunk is padded)."""
+  from jaxreid.methods.transmatcher.model import projected_similarities
+  rng = np.random.default_rng(chunk)
+  p_num, g_num, n, s, d = 3, 5, 2, 6, 4
+  probe, gallery = rng.standard_normal((p_num, n, s, d)), rng.standard_normal((g_num, n, s, d))
+  prior = rng.uniform(0.1, 1.0, (n, s, s))
+  got = np.asarray(projected_similarities(jnp.asarray(probe, jnp.float32),
+                                          jnp.asarray(gallery, jnp.float32),
+                                          jnp.asarray(prior, jnp.float32), chunk))
+  want = np.empty((p_num, g_num, n, 2, s))
+  for i in range(p_num):
+    for j in range(g_num):
+      for layer in range(n):
+        sim = probe[i, layer] @ gallery[j, layer].T * prior[layer]   # [probe loc, gallery loc]
+        want[i, j, layer, 0], want[i, j, layer, 1] = sim.max(1), sim.max(0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
