@@ -55,16 +55,25 @@ def get_config(setting: str = "synthetic"):
 
 
 def paper_settings(c, train, paper):
-  """ResNet-50 (ImageNet weights through model.pretrained; no IBN) at 256×128, PK 16×4, Adam
-  3.5e-4 with a 10-epoch warmup from ×0.01, ×0.1 at epochs 40 and 70, 120 epochs."""
+  """The official recipe (reid-strong-baseline as NFormer runs it, docs/methods/embedding.md):
+  - ResNet-50 without IBN and without the stem ReLU (conv1 → bn1 → maxpool), last stride 1, BN
+    trained, ImageNet weights through model.pretrained; GAP → Linear 2048→256 → BNNeck;
+  - 256×128, bilinear resize; pad 10 + random crop, flip 0.5, random erasing 0.5 filled with
+    PIXEL_MEAN after normalisation; ImageNet input normalisation;
+  - RandomIdentitySampler: P 16 × K 4, every image once per epoch (data.sampler "identity");
+  - CE (label smoothing 0.1) + batch-hard triplet 0.3 + 0.0005·center (centres by SGD 0.5);
+  - Adam 3.5e-4, wd 5e-4 (all parameters), 120 epochs; WarmupMultiStepLR stepped at each epoch
+    start: epoch e (0-based) at last_epoch e + 1, warmup 10 from ×0.01, ×0.1 at 40 and 70."""
   c.dataset.train = train
   c.dataset.test = ",".join(paper)
   c.data.height, c.data.width = 256, 128
   c.data.batch_size, c.data.num_instances = 64, 4
-  c.data.augment.update(pad=10, color_jitter=False)
-  c.model.update(depth=50, width=64, ibn="none", freeze_bn=False)
+  c.data.sampler = "identity"
+  c.data.resize = "bilinear"
+  c.data.augment.update(pad=10, color_jitter=False, erase_fill="after_normalize")
+  c.model.update(depth=50, width=64, ibn="none", freeze_bn=False, stem_relu=False)
   c.train.update(lr=3.5e-4, epochs=120, lr_step_epochs=(40, 70), warmup_epochs=10,
-                 checkpoint_every_steps=1000)
+                 lr_epoch_offset=1, checkpoint_every_steps=1000)
   c.eval.update(batch_size=128, tile_p=1024, tile_g=4096)
   c.eval.paper = paper
   return c

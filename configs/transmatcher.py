@@ -2,8 +2,17 @@
 (graph sampler, pairwise BCE; docs/methods/transmatcher.md).
 
 Default: a small model on the embedded synthetic_reid (train domain_a, test domain_b), a few
-minutes on a 2-core CPU. `configs/transmatcher.py:<setting>` selects the paper's full settings;
-`:table2` / `:table2_small` are the paper's Table 2 rows (d, D, N = 512, 2048, 3 / 128, 512, 2).
+minutes on a 2-core CPU; xavier encoder init, L2-normalised maps. `configs/transmatcher.py:
+<setting>` selects the paper's full settings (paper §6.2 = official projects/transmatcher/main.py):
+ResNet-50-IBN-b with frozen BN (model.pretrained), layer3 → 3×3 neck conv to d = 512,
+unnormalised maps, E = 2 post-LN encoder layers (H = 1, D = 2048, no dropout) initialised as
+PyTorch's nn.TransformerEncoderLayer and identical at the start (nn.TransformerEncoder's deep
+copies), N = 3 decoder layers with fc1, bn1, MLPHead1 and the prior score embedding; 384×128, pad
+10 + flip + rotation + colour jitter + occlusion; graph sampler B = 64, K = 4 (per-class pointer
+across epochs); pairwise BCE (non-finite anchors dropped); SGD (Nesterov 0.9, wd 5e-4) lr 0.005,
+backbone ×0.1, clip 4 per group; 15 epochs with a ×0.1 step at 10 (RandPerson: 4, step at 2);
+bfloat16. `:table2` / `:table2_small` are the paper's Table 2 rows (d, D, N = 512, 2048, 3 /
+128, 512, 2) on MSMT17. Departures: docs/methods/transmatcher.md.
 """
 from configs.common import (base_config, pairwise_training, table2_recipe, transformer_fields,
                             transformer_paper_recipe)
@@ -27,6 +36,9 @@ def transmatcher_fields(c):
   c.model.bn1 = True
   c.model.mlp_head1 = True
   c.model.prior_embed = True
+  # "torch": PyTorch's nn.TransformerEncoderLayer init, every encoder layer a copy of one draw
+  # (official code); "xavier": xavier kernels, each layer drawn on its own (synthetic default).
+  c.model.encoder_init = "xavier"
   return c
 
 
@@ -43,11 +55,14 @@ def get_config(setting: str = "synthetic"):
   if setting in PAPER:
     train, paper = PAPER[setting]
     c = transmatcher_fields(transformer_paper_recipe(c, train, paper))
+    c.model.encoder_init = "torch"
     if train == "randperson":
       c.train.update(epochs=4, lr_step_epochs=(2,))
     return c
   if setting in ("table2", "table2_small"):
-    return transmatcher_fields(table2_recipe(
+    c = transmatcher_fields(table2_recipe(
         c, "transmatcher" if setting == "table2" else "transmatcher_small"))
+    c.model.encoder_init = "torch"
+    return c
   raise ValueError(f"configs/transmatcher.py has no setting {setting!r}; use synthetic, table2, "
                    f"table2_small or one of {sorted(PAPER)}.")

@@ -126,7 +126,7 @@ def load(method_or_config, checkpoint, *, input_size=None, batch_size: int | Non
   if isinstance(method_or_config, str) and method_or_config in registry.METHODS:
     custom = registry.get(method_or_config).load
     if custom is not None:     # a method with its own loaded model (NFormer's refine)
-      return custom(checkpoint)
+      return custom(checkpoint, **({"input_size": tuple(input_size)} if input_size else {}))
   config = resolve_config(method_or_config)
   path = Path(os.path.expanduser(str(checkpoint)))
   if not path.exists():
@@ -135,8 +135,8 @@ def load(method_or_config, checkpoint, *, input_size=None, batch_size: int | Non
     is_name = isinstance(method_or_config, str) and method_or_config in method_names()
     config, variables = _load_ours(path, config, is_name)
   else:
-    config, variables = _load_official(path, config, tuple(input_size or
-                                                           DEFAULT_INPUT_SIZE))
+    config, variables = _load_official(path, config, tuple(
+        input_size or registry.get(config.model.name).input_size or DEFAULT_INPUT_SIZE))
   return ReidModel(config, variables, batch_size=batch_size)
 
 

@@ -71,7 +71,10 @@ class TransformerMapEncoder(FeatureMapEncoder):
   feeds decoder 1; with `encoders` = N (paper Fig. 1) decoder n reads enc_n. `pos_embed` adds a
   learned [h, w, d] positional embedding to x before the encoders (paper Table 3). `map_dtype`:
   dtype of the returned maps (bfloat16 halves the host memory of extracted features, which is
-  N·h·w·d per image: 1.2 MB in float32 at full size).
+  N·h·w·d per image: 1.2 MB in float32 at full size). `encoder_init`: "xavier" (every layer drawn
+  on its own, xavier kernels) or "torch" (PyTorch's nn.TransformerEncoderLayer init, one draw
+  shared by every layer as torch nn.TransformerEncoder deep-copies one layer;
+  docs/methods/transmatcher.md).
   """
   num_layers: int = 3
   encoders: int = 2
@@ -79,6 +82,7 @@ class TransformerMapEncoder(FeatureMapEncoder):
   ffn: int = 2048
   pos_embed: bool = False
   map_dtype: Any = jnp.float32
+  encoder_init: str = "xavier"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -92,8 +96,12 @@ class TransformerMapEncoder(FeatureMapEncoder):
       x = x + self.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:], jnp.float32)
     b, h, w, d = x.shape
     seq, outputs = x.reshape(b, h * w, d), [x.reshape(b, h * w, d)]
+    shared_key = None     # "torch": one key for every layer, so they start identical
+    if self.encoder_init == "torch" and self.is_initializing():
+      shared_key = self.make_rng("params")
     for i in range(self.encoders):
-      seq = TransformerEncoderLayer(self.heads, self.ffn, self.dtype, name=f"layers_{i}")(seq)
+      seq = TransformerEncoderLayer(self.heads, self.ffn, self.dtype, init_style=self.encoder_init,
+                                    init_key=shared_key, name=f"layers_{i}")(seq)
       outputs.append(seq)
     maps = jnp.stack(outputs[-self.num_layers:], axis=1).reshape(b, self.num_layers, h, w, d)
     return maps.astype(self.map_dtype)
@@ -241,4 +249,87 @@ def encoder_to_official(variables: Mapping) -> dict:
   if "neck_conv" in params:
     out["neck_conv.weight"] = torch_conv(params["neck_conv"]["kernel"])
     out["neck_conv.bias"] = np.asarray(params["neck_conv"]["bias"], np.float32)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# reid-strong-baseline's `Baseline` (NFormer's stage 1): 'base.*' ResNet without the stem ReLU,
+# 'projection' Linear, 'bottleneck' BNNeck, 'classifier' (docs/methods/embedding.md)
+
+
+def baseline_state(state: Mapping) -> dict:
+  """The `Baseline` part of a state dict: a bare Baseline, or the 'backbone.*' half of
+  NFormer's release file (`nformer_model.pth`, whose other half is 'nformer.*'); a 'module.'
+  prefix is stripped. Raises ValueError when there is none."""
+  flat = flatten_state(state)
+  if flat and all(k.startswith("module.") for k in flat):
+    flat = strip_prefix(flat, "module.")
+  if any(k.startswith("backbone.base.") for k in flat):
+    flat = strip_prefix(flat, "backbone.")
+  if "base.conv1.weight" not in flat or "projection.weight" not in flat:
+    raise ValueError("no reid-strong-baseline stage-1 model found: expected 'base.conv1.weight' "
+                     "and 'projection.weight' (or the same under 'backbone.').")
+  return flat
+
+
+def baseline_from_official(state: Mapping, input_size=(256, 128)):
+  """(config overrides, variables) of the embedding model ("gap" pooling) equal to the official
+  `Baseline` in eval mode with TEST.NECK_FEAT "after": ResNet (depth, IBN, width from 'base.*')
+  without the stem ReLU, last stride 1 (NFormer's LAST_STRIDE; strides are not stored), GAP,
+  `projection`, BNNeck `bottleneck` (its bias must be the frozen zero), `classifier`; ImageNet
+  input normalisation at `input_size`. Overrides: {"model": {…}, "data": {"height", "width"}}."""
+  from jaxreid.backbones import resnet
+  from jaxreid.weights import some
+  flat = baseline_state(state)
+  flat = {k: v for k, v in flat.items() if not k.endswith("num_batches_tracked")}
+  if "bottleneck.weight" not in flat:
+    raise ValueError("this Baseline has no BNNeck 'bottleneck' (MODEL.NECK 'no'); only the "
+                     "'bnneck' model is supported.")
+  if np.any(np.asarray(flat.get("bottleneck.bias", 0)) != 0):
+    raise ValueError("bottleneck.bias is not zero: the BNNeck bias of the Baseline is frozen at "
+                     "zero.")
+  base = {k: v for k, v in flat.items() if k.startswith("base.")}
+  arch = resnet.infer_architecture(base, "base.")
+  backbone, backbone_stats = resnet.resnet_from_torch(base, "base.", "layer4")
+  f32 = lambda k: np.asarray(flat[k], np.float32)
+  head = {"projection": {"kernel": f32("projection.weight").T, "bias": f32("projection.bias")},
+          "bottleneck": {"scale": f32("bottleneck.weight")}}
+  num_classes = 0
+  if "classifier.weight" in flat:
+    head["classifier"] = {"kernel": f32("classifier.weight").T}
+    num_classes = int(flat["classifier.weight"].shape[0])
+  unused = sorted(k for k in flat if not k.startswith(("base.", "projection.", "bottleneck.",
+                                                       "classifier.")))
+  if unused:
+    raise ValueError(f"The Baseline has keys the embedding model does not use: {some(unused)}.")
+  variables = {"params": {"encoder": {"backbone": backbone}, "head": head},
+               "batch_stats": {"encoder": {"backbone": backbone_stats},
+                               "head": {"bottleneck": {"mean": f32("bottleneck.running_mean"),
+                                                       "var": f32("bottleneck.running_var")}}}}
+  overrides = {
+      "model": dict(name="embedding", **arch, final_layer="layer4", last_stride=1,
+                    stem_relu=False, neck=0, input_norm="imagenet", pooling="gap",
+                    embed_dim=int(flat["projection.weight"].shape[0]), num_classes=num_classes,
+                    freeze_bn=False),
+      "data": dict(height=int(input_size[0]), width=int(input_size[1])),
+  }
+  return overrides, variables
+
+
+def baseline_to_official(variables: Mapping) -> dict:
+  """The official `Baseline` state dict of an embedding model with "gap" pooling and a
+  projection: the inverse of `baseline_from_official`."""
+  params, stats = variables["params"], variables["batch_stats"]
+  head, head_stats = params["head"], stats["head"]
+  out = resnet_to_torch(params["encoder"]["backbone"], stats["encoder"].get("backbone", {}),
+                        "base.")
+  scale = np.asarray(head["bottleneck"]["scale"], np.float32)
+  out.update({
+      "projection.weight": np.asarray(head["projection"]["kernel"], np.float32).T,
+      "projection.bias": np.asarray(head["projection"]["bias"], np.float32),
+      "bottleneck.weight": scale, "bottleneck.bias": np.zeros_like(scale),
+      "bottleneck.running_mean": np.asarray(head_stats["bottleneck"]["mean"], np.float32),
+      "bottleneck.running_var": np.asarray(head_stats["bottleneck"]["var"], np.float32)})
+  if "classifier" in head:
+    out["classifier.weight"] = np.asarray(head["classifier"]["kernel"], np.float32).T
   return out

@@ -86,16 +86,28 @@ EMBEDDING = Objective(_embedding_loss, _init_centers, _update_centers)
 
 
 
-def pairwise_bce_loss(logits, labels):
+def finite_mean(per_anchor, logits, keep=None):
+  """Mean of the per-anchor losses of the anchors (rows of `logits`) whose scores and loss are
+  all finite (and `keep`); 0 when there is none. The official QAConv-GS trainer drops non-finite
+  per-anchor losses before the mean, and there a non-finite score makes its anchor's loss
+  non-finite (docs/methods/qaconv.md)."""
+  finite = jnp.isfinite(per_anchor) & jnp.isfinite(logits).all(axis=1)
+  keep = finite if keep is None else keep & finite
+  return jnp.sum(jnp.where(keep, per_anchor, 0.0)) / jnp.maximum(keep.sum(), 1)
+
+
+def pairwise_bce_loss(logits, labels, drop_non_finite: bool = True):
   """BCE over the B×B in-batch scores: same label (self included) is positive; sum over
-  columns, mean over anchors."""
+  columns, mean over anchors (over those whose loss is finite, with `drop_non_finite`)."""
   targets = (labels[:, None] == labels[None, :]).astype(logits.dtype)
-  return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, targets), axis=1))
+  per_anchor = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, targets), axis=1)
+  return finite_mean(per_anchor, logits) if drop_non_finite else jnp.mean(per_anchor)
 
 
-def triplet_score_loss(logits, labels, margin: float = 16.0):
+def triplet_score_loss(logits, labels, margin: float = 16.0, drop_non_finite: bool = True):
   """Batch-hard triplet on similarity scores: hardest positive (self excluded) vs hardest
-  negative, hinge with `margin`, mean over anchors that have both."""
+  negative, hinge with `margin`, mean over anchors that have both (and, with
+  `drop_non_finite`, a finite loss)."""
   same = labels[:, None] == labels[None, :]
   eye = jnp.eye(labels.shape[0], dtype=bool)
   pos = same & ~eye
@@ -103,6 +115,8 @@ def triplet_score_loss(logits, labels, margin: float = 16.0):
   hardest_neg = jnp.max(jnp.where(same, -jnp.inf, logits), axis=1)
   usable = pos.any(1) & (~same).any(1)
   loss = jnp.maximum(hardest_neg - hardest_pos + margin, 0.0)
+  if drop_non_finite:
+    return finite_mean(loss, logits, usable)
   return jnp.sum(jnp.where(usable, loss, 0.0)) / jnp.maximum(usable.sum(), 1)
 
 
@@ -131,7 +145,8 @@ def euclidean_distances(x):
 def batch_hard_triplet_loss(features, labels, margin: float = 0.3):
   """Batch-hard triplet loss (Hermans et al.) on Euclidean distances of `features` [B, D]:
   `triplet_score_loss` on the negated distances."""
-  return triplet_score_loss(-euclidean_distances(features), labels, margin)
+  return triplet_score_loss(-euclidean_distances(features), labels, margin,
+                            drop_non_finite=False)
 
 
 def center_loss(features, labels, centers):

@@ -28,7 +28,8 @@ def test_unknown_config_setting_names_the_choices():
   out = run_main("--config", "configs/qaconv_gs.py:nope")
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
-      "error: configs/qaconv_gs.py has no setting 'nope'; use synthetic, market or msmt17_all."]
+      "error: configs/qaconv_gs.py has no setting 'nope'; use synthetic or one of market, "
+      "msmt17_all, market_v20, msmt17_all_v20."]
 
 
 @pytest.mark.parametrize("flag", [["--config", "configs/doesnotexist.py"],
@@ -37,8 +38,19 @@ def test_missing_config_file_is_one_sentence(flag):
   out = run_main(*flag)
   assert out.returncode == 2
   (line,) = out.stderr.strip().splitlines()
-  assert line.startswith("error: config file configs/doesnotexist.py does not exist; the configs "
-                         "are configs/{") and "transmatcher.py" in line, line
+  assert line.startswith("error: config file configs/doesnotexist.py does not exist; give a "
+                         "config file or one of the configs shipped with jaxreid by name: ")
+  assert "transmatcher, " in line, line
+
+
+def test_config_by_name_or_shipped_path_from_any_folder(tmp_path):
+  """`--config qaconv_gs:nope` names the shipped file; so does configs/… run from elsewhere."""
+  for spec, cwd in (("qaconv_gs:nope", ROOT), ("configs/qaconv_gs.py:nope", tmp_path)):
+    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", spec], cwd=cwd,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: configs/qaconv_gs.py has no setting 'nope'"), out.stderr[-500:]
 
 
 def test_wrong_value_type_is_one_sentence_without_field_advice():
@@ -117,3 +129,23 @@ def test_post_processing_rejects_what_has_no_meaning():
   assert np.isfinite(jaxreid.tlift(np.clip(np.nan_to_num(scores), 0, 1), np.zeros(7), times_g,
                                    np.zeros(5), times_q)).all()
   assert jaxreid.rerank(*distances, lambda_value=1.0).shape == (5, 7)
+
+
+def test_workdir_that_is_a_file_stops_before_any_work(tmp_path):
+  target = tmp_path / "results"
+  target.write_text("not a folder")
+  out = run_main("--config", "configs/qaconv_gs.py", f"--workdir={target}")
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: --workdir {target} is a file, not a folder; pass a folder.")
+  assert target.read_text() == "not a folder"
+
+
+def test_eval_into_a_new_workdir_creates_it_first(tmp_path):
+  """--mode=eval with a workdir that does not exist yet: the folder is made before evaluating
+  (the missing checkpoint is then the only error)."""
+  new = tmp_path / "a" / "b"
+  out = run_main("--config", "configs/qaconv_gs.py", "--mode=eval", f"--workdir={new}",
+                 f"--checkpoint={tmp_path / 'nowhere'}")
+  assert out.returncode == 2 and new.is_dir()
+  assert "nowhere" in out.stderr.strip().splitlines()[-1]

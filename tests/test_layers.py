@@ -23,7 +23,7 @@ LAYERS = [
     ("train/eval", ("jaxreid.train", "jaxreid.eval")),
     ("methods", ("jaxreid.methods",)),
     ("registry", ("jaxreid.registry",)),
-    ("api", ("jaxreid.api",)),
+    ("api", ("jaxreid.api", "jaxreid.cli")),
 ]
 TRAINING_STACK = ("jaxreid.train", "jaxreid.data", "jaxreid.checkpoint", "orbax", "grain",
                   "tensorflow_datasets", "tensorboardX")

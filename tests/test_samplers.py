@@ -54,15 +54,15 @@ def test_graph_sampler_plan():
   distance = np.random.default_rng(7).random((c, c))
   plan = sampler.epoch_plan(0, distance)
   assert plan.shape == (c, batch_size) and plan.dtype == np.int64 and sampler.num_batches == c
-  leaders = labels[plan[:, 0]]
+  leaders = labels[plan[:, -1]]                      # official layout: neighbours, then leader
   assert sorted(leaders.tolist()) == list(range(c))  # every class leads exactly one batch
   masked = distance + np.diag(np.full(c, np.inf))
   for batch, leader in zip(plan, leaders):
     _assert_k_per_class(batch, labels, k)
     members = labels[batch[::k]]
-    assert members[0] == leader
+    assert members[-1] == leader
     expected = np.argsort(masked[leader])[:batch_size // k - 1]
-    np.testing.assert_array_equal(members[1:], expected)
+    np.testing.assert_array_equal(members[:-1], expected)
   np.testing.assert_array_equal(plan, GraphSampler(labels, batch_size=batch_size, num_instances=k,
                                                    seed=0).epoch_plan(0, distance))
   assert not np.array_equal(plan, sampler.epoch_plan(1, distance))
@@ -102,3 +102,76 @@ def test_random_sampler_visits_every_image_once_per_epoch():
   assert not np.array_equal(plan, sampler.epoch_plan(1))
   with pytest.raises(ValueError, match="batch_size"):
     RandomSampler(labels, batch_size=51, seed=0)
+
+
+class _OfficialGraphSampler:
+  """Transcription of the official QAConv v2.1 reid/utils/data/graph_sampler.py (`__init__`,
+  `graph_index`), with its randomness injected: `shuffle(c, n)` = the n-th shuffle of class c
+  (n = 0 in __init__), `batch_order(epoch)` = the row permutation of `np.random.shuffle`; the
+  distance is given instead of computed."""
+
+  def __init__(self, labels, batch_size, num_instance, shuffle, batch_order):
+    self.batch_size, self.num_instance = batch_size, num_instance
+    self.shuffle, self.batch_order = shuffle, batch_order
+    self.pids = sorted(set(labels.tolist()))
+    self.num_pids = len(self.pids)
+    self.shuffles = [0] * self.num_pids
+    self.index_dic = {pid: list(shuffle(pid, 0)) for pid in self.pids}
+    self.sam_pointer = [0] * self.num_pids
+
+  def graph_index(self, epoch, dist):
+    dist = dist + np.eye(self.num_pids) * 1e15
+    topk = self.batch_size // self.num_instance - 1
+    topk_index = np.argsort(dist, axis=1, kind="stable")[:, :topk]
+    sam_index = []
+    for i in range(self.num_pids):
+      id_index = topk_index[i, :].tolist()
+      id_index.append(i)
+      index = []
+      for j in id_index:
+        pid = self.pids[j]
+        img_index = self.index_dic[pid]
+        len_p = len(img_index)
+        index_p = []
+        remain = self.num_instance
+        while remain > 0:
+          end = self.sam_pointer[j] + remain
+          idx = img_index[self.sam_pointer[j]:end]
+          index_p.extend(idx)
+          remain -= len(idx)
+          self.sam_pointer[j] = end
+          if end >= len_p:
+            self.shuffles[j] += 1                       # shuffle(img_index)
+            img_index[:] = self.shuffle(pid, self.shuffles[j])
+            self.sam_pointer[j] = 0
+        assert len(index_p) == self.num_instance
+        index.extend(index_p)
+      sam_index.extend(index)
+    sam_index = np.array(sam_index).reshape((-1, self.batch_size))
+    return sam_index[self.batch_order(epoch)]             # np.random.shuffle(sam_index)
+
+
+def test_graph_sampler_pointer_matches_official_across_epochs_and_resumes():
+  labels = _labels(num_classes=9, seed=4)               # 1-7 images per class
+  for batch_size, k in ((8, 2), (12, 4)):
+    ours = GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=5)
+    official = _OfficialGraphSampler(
+        labels, batch_size, k, shuffle=ours.class_order,
+        batch_order=lambda e: np.random.default_rng([5, e, 1]).permutation(9))
+    rng = np.random.default_rng(0)
+    plans = []
+    for epoch in range(4):
+      distance = rng.random((9, 9))
+      plan = ours.epoch_plan(epoch, distance)
+      np.testing.assert_array_equal(plan, official.graph_index(epoch, distance))
+      plans.append((distance, plan))
+      if epoch == 1:
+        saved = ours.state_dict()
+    # Pointers carry over: the same distance in a later epoch does not restart each class.
+    assert np.any(ours.state_dict()["pass"] > 0)
+    resumed = GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=5)
+    resumed.load_state_dict(saved)
+    for epoch in (2, 3):
+      np.testing.assert_array_equal(resumed.epoch_plan(epoch, plans[epoch][0]), plans[epoch][1])
+  with pytest.raises(ValueError, match="sampler state has 3 classes"):
+    resumed.load_state_dict({"pass": np.zeros(3), "pointer": np.zeros(3)})

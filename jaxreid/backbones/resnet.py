@@ -86,6 +86,7 @@ class ResNet(nn.Module):
   width: int = 64
   freeze_bn: bool = True
   dtype: Any = jnp.float32
+  stem_relu: bool = True     # False: conv1 → bn1 → maxpool (reid-strong-baseline's ResNet)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -104,7 +105,8 @@ class ResNet(nn.Module):
     x = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
                 dtype=self.dtype, name="conv1")(x)
     x = InstanceNorm(dtype=self.dtype, name="bn1")(x) if ibn_b else norm("bn1")(x)
-    x = nn.relu(x)
+    if self.stem_relu:
+      x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
     num_layers = FINAL_LAYERS.index(self.final_layer) + 2
     in_ch = self.width
@@ -130,10 +132,11 @@ def output_size(model_cfg, height: int, width: int) -> tuple[int, int]:
 
 
 def from_config(model_cfg, dtype) -> ResNet:
-  """The ResNet of the model config's depth, ibn, final_layer, last_stride, width, freeze_bn."""
+  """The ResNet of the model config's depth, ibn, final_layer, last_stride, width, freeze_bn,
+  stem_relu (default True)."""
   return ResNet(model_cfg.depth, model_cfg.ibn, model_cfg.final_layer,
                 model_cfg.get("last_stride", 2), model_cfg.get("width", 64), model_cfg.freeze_bn,
-                dtype)
+                dtype, stem_relu=bool(model_cfg.get("stem_relu", True)))
 
 
 # ------------------------------------------------------------------------------------------------

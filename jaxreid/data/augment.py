@@ -7,10 +7,16 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 
-def _resize(img: Image.Image, height: int, width: int) -> Image.Image:
+RESIZE = {"bicubic": Image.Resampling.BICUBIC,   # QAConv / TransMatcher
+          "bilinear": Image.Resampling.BILINEAR}  # torchvision T.Resize's default (reid-strong-baseline)
+
+
+def _resize(img: Image.Image, height: int, width: int, resize: str = "bicubic") -> Image.Image:
+  if resize not in RESIZE:
+    raise ValueError(f"data.resize={resize!r} is unknown; use one of {sorted(RESIZE)}.")
   if img.size == (width, height):
     return img
-  return img.resize((width, height), Image.Resampling.BICUBIC)
+  return img.resize((width, height), RESIZE[resize])
 
 
 def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
@@ -47,14 +53,20 @@ def occlude(image: np.ndarray, rng: np.random.Generator, max_fraction: float = 0
   return image
 
 
-ERASE_FILL = (125, 123, 114)  # reid-strong-baseline's fill, mean (0.4914, 0.4822, 0.4465) × 255
+ERASE_FILL = (125, 123, 114)  # RandomErasing's default mean (0.4914, 0.4822, 0.4465) × 255
+# reid-strong-baseline passes PIXEL_MEAN (0.485, 0.456, 0.406) and erases *after* Normalize, so the
+# erased pixels hold PIXEL_MEAN in normalised units: pixel = (mean + PIXEL_MEAN · std) · 255,
+# rounded to uint8 here (docs/methods/embedding.md).
+_MEAN, _STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+ERASE_FILLS = {"pixels": ERASE_FILL,
+               "after_normalize": tuple(int(v) for v in np.round((_MEAN + _MEAN * _STD) * 255))}
 
 
 def random_erase(image: np.ndarray, rng: np.random.Generator, *, area=(0.02, 0.4),
-                 aspect=0.3, attempts: int = 100) -> np.ndarray:
+                 aspect=0.3, attempts: int = 100, fill=ERASE_FILL) -> np.ndarray:
   """Random erasing (Zhong et al. 2020): a rectangle of area fraction uniform in `area` and
-  aspect ratio uniform in [aspect, 1/aspect], filled with ERASE_FILL; after `attempts` draws that
-  do not fit, the image unchanged."""
+  aspect ratio uniform in [aspect, 1/aspect], filled with `fill` (RGB pixels); after `attempts`
+  draws that do not fit, the image unchanged."""
   height, width = image.shape[:2]
   for _ in range(attempts):
     target = rng.uniform(*area) * height * width
@@ -63,7 +75,7 @@ def random_erase(image: np.ndarray, rng: np.random.Generator, *, area=(0.02, 0.4
     if 0 < h < height and 0 < w < width:
       y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
       image = image.copy()
-      image[y:y + h, x:x + w] = ERASE_FILL
+      image[y:y + h, x:x + w] = fill
       return image
   return image
 
@@ -71,11 +83,16 @@ def random_erase(image: np.ndarray, rng: np.random.Generator, *, area=(0.02, 0.4
 def train_transform(image: np.ndarray, rng: np.random.Generator, *, height: int, width: int,
                     pad: int = 10, flip: bool = True, rotate_deg: float = 5.0,
                     color_jitter: bool = True, occlusion: bool = True,
-                    random_erasing: float = 0.0) -> np.ndarray:
-  """Training augmentation: bicubic resize, zero-pad + random crop, horizontal flip (p=0.5),
-  rotation uniform in ±rotate_deg (nearest, zero fill), colour jitter, occlusion (QAConv), random
-  erasing with probability `random_erasing` (reid-strong-baseline)."""
-  img = _resize(Image.fromarray(image), height, width)
+                    random_erasing: float = 0.0, erase_fill: str = "pixels",
+                    resize: str = "bicubic") -> np.ndarray:
+  """Training augmentation: resize (`resize`: bicubic or bilinear), zero-pad + random crop,
+  horizontal flip (p=0.5), rotation uniform in ±rotate_deg (nearest, zero fill), colour jitter,
+  occlusion (QAConv), random erasing with probability `random_erasing` (reid-strong-baseline),
+  filled with ERASE_FILLS[erase_fill]."""
+  if erase_fill not in ERASE_FILLS:
+    raise ValueError(f"data.augment.erase_fill={erase_fill!r} is unknown; use one of "
+                     f"{sorted(ERASE_FILLS)}.")
+  img = _resize(Image.fromarray(image), height, width, resize)
   if pad > 0:
     img = ImageOps.expand(img, border=pad, fill=0)
     top, left = (int(v) for v in rng.integers(0, 2 * pad + 1, 2))
@@ -90,12 +107,14 @@ def train_transform(image: np.ndarray, rng: np.random.Generator, *, height: int,
   if occlusion:
     out = occlude(out, rng)
   if random_erasing and rng.random() < random_erasing:
-    out = random_erase(out, rng)
+    out = random_erase(out, rng, fill=ERASE_FILLS[erase_fill])
   return out
 
 
-def eval_transform(image: np.ndarray, *, height: int, width: int) -> np.ndarray:
-  """Bicubic resize to (height, width); the input itself when it already has that size."""
+def eval_transform(image: np.ndarray, *, height: int, width: int,
+                   resize: str = "bicubic") -> np.ndarray:
+  """Resize to (height, width) (`resize`: bicubic or bilinear); the input itself when it
+  already has that size."""
   if image.shape[:2] == (height, width):
     return image
-  return np.asarray(_resize(Image.fromarray(image), height, width), np.uint8)
+  return np.asarray(_resize(Image.fromarray(image), height, width, resize), np.uint8)

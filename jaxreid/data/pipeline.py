@@ -29,7 +29,7 @@ def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
 def train_batches(split: ReidSplit, plan: np.ndarray, *, epoch: int, start_batch: int = 0,
                   seed: int, height: int, width: int, augment: dict | None,
                   slots: slice = slice(None), num_threads: int = 2,
-                  prefetch: int = 2) -> Iterator[dict]:
+                  prefetch: int = 2, resize: str = "bicubic") -> Iterator[dict]:
   """Batches `start_batch`..nb-1 of `plan` [nb, B] as {"image" uint8 [b, h, w, 3],
   "label" int32 [b], "index" int32 [b]}, each holding the `slots` of its batch (a process's
   share under multi-host; default all B).
@@ -37,6 +37,7 @@ def train_batches(split: ReidSplit, plan: np.ndarray, *, epoch: int, start_batch
   The augmentation of slot s of batch b draws from rng([seed, epoch, b, s]) only, so a run resumed
   at any batch, or split over any number of processes, sees the same images. `augment` holds
   `train_transform`'s keyword arguments; None means resize only. `prefetch` counts batches.
+  `resize`: the interpolation (data.resize: bicubic or bilinear).
   """
   plan = np.asarray(plan)
   if plan.ndim != 2:
@@ -50,10 +51,10 @@ def train_batches(split: ReidSplit, plan: np.ndarray, *, epoch: int, start_batch
     index = int(plan[b, slot])
     image = load_image(split, index)
     if augment is None:
-      image = eval_transform(image, height=height, width=width)
+      image = eval_transform(image, height=height, width=width, resize=resize)
     else:
       rng = np.random.default_rng([seed, epoch, b, slot])
-      image = train_transform(image, rng, height=height, width=width, **augment)
+      image = train_transform(image, rng, height=height, width=width, resize=resize, **augment)
     return {"image": image, "label": np.int32(split.labels[index]), "index": np.int32(index)}
 
   positions = grain.MapDataset.range(start_batch * batch_size, num_batches * batch_size)
@@ -64,7 +65,7 @@ def train_batches(split: ReidSplit, plan: np.ndarray, *, epoch: int, start_batch
 
 def eval_batches(split: ReidSplit, *, batch_size: int, height: int, width: int,
                  indices: np.ndarray | None = None, num_threads: int = 2,
-                 prefetch: int = 2) -> Iterator[tuple[dict, int]]:
+                 prefetch: int = 2, resize: str = "bicubic") -> Iterator[tuple[dict, int]]:
   """({"image": uint8 [batch_size, h, w, 3]}, num_valid) in dataset (or `indices`) order; the
   last batch is zero-padded to batch_size so every batch has one shape."""
   order = np.arange(len(split)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
@@ -74,7 +75,8 @@ def eval_batches(split: ReidSplit, *, batch_size: int, height: int, width: int,
   def example(position: int) -> np.ndarray:
     if position >= total:
       return np.zeros((height, width, 3), np.uint8)
-    return eval_transform(load_image(split, int(order[position])), height=height, width=width)
+    return eval_transform(load_image(split, int(order[position])), height=height, width=width,
+                          resize=resize)
 
   dataset = grain.MapDataset.range(padded).map(example).to_iter_dataset(
       _read_options(num_threads, prefetch * batch_size)).batch(batch_size)

@@ -38,7 +38,8 @@ def extract(model, variables, split, config, mesh, *, indices=None, desc="extrac
   n = len(split) if indices is None else len(indices)
   out = []
   batches = pipeline.eval_batches(split, batch_size=batch_size, height=config.data.height,
-                                  width=config.data.width, indices=indices)
+                                  width=config.data.width, indices=indices,
+                                  resize=config.data.get("resize", "bicubic"))
   for batch, valid in tqdm(batches, total=-(-n // batch_size), desc=desc, leave=False,
                            dynamic_ncols=True):
     maps = encode(variables, parallel.put_global(batch["image"], parallel.batch_sharded(mesh)))

@@ -16,6 +16,7 @@ class Method:
   convert(state, input_size) → ({"model": overrides, "data": {height, width}}, variables) of an
     official checkpoint; detect(flat keys) → whether a state dict is one of this method's;
     export(variables) → the official checkpoint layout (NumPy), `convert`'s inverse.
+  input_size: (h, w) of an official checkpoint loaded without one (default 384×128).
   correspondences(variables, probe, gallery) → argmax matches per layer, for drawing.
   describe(model config) → the model in a few words (`ReidModel.__repr__`).
   train(config, workdir, mesh) / evaluate(config, checkpoint, workdir) / load(checkpoint):
@@ -30,6 +31,7 @@ class Method:
   detect: Callable[[list[str]], bool] | None = None
   export: Callable[[Any], dict] | None = None
   correspondences: Callable[..., dict] | None = None
+  input_size: tuple[int, int] | None = None
   describe: Callable[[Any], str] = lambda m: ""
   train: Callable[..., dict] | None = None
   evaluate: Callable[..., dict] | None = None

@@ -3,6 +3,7 @@ encoder, the Table 2 baselines, and the ViT-style poolings): post-LN encoder / d
 torch `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer` maths (ReLU, no dropout), with
 xavier-uniform kernels and PyTorch's Linear bias init."""
 import math
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,17 @@ def torch_bias_init(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+# PyTorch's default Linear weight init, kaiming_uniform(a=√5): U(±1/√fan_in).
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def keyed_init(init, key, tag: str):
+  """`init` drawing from `key` folded with `tag` instead of the key Flax gives the parameter, so
+  modules given the same key start with identical parameters."""
+  data = zlib.crc32(tag.encode()) & 0x7FFFFFFF
+  return lambda _, shape, dtype=jnp.float32: init(jax.random.fold_in(key, data), shape, dtype)
+
+
 def dense_layer(features, fan_in, dtype, name, zero_bias=False):
   """nn.Dense with xavier-uniform kernel and PyTorch's Linear bias init (or a zero bias, as the
   attention projections of torch nn.MultiheadAttention)."""
@@ -33,27 +45,49 @@ class TransformerEncoderLayer(nn.Module):
   """Post-LN Transformer encoder layer (torch nn.TransformerEncoderLayer, ReLU, no dropout).
 
   x [B, L, d] → LN1(x + SelfAttn(x)) → LN2(· + Linear2(ReLU(Linear1(·)))).
+
+  init_style "xavier": every kernel xavier-uniform; "torch": as PyTorch initialises
+  nn.TransformerEncoderLayer (MultiheadAttention._reset_parameters: xavier-uniform packed in_proj;
+  Linear.reset_parameters: U(±1/√fan_in) kernels for out_proj, linear1, linear2). Biases in both:
+  zero for in_proj / out_proj, U(±1/√fan_in) for linear1 / linear2. `init_key`: draw every
+  parameter from this key instead (layers given the same key start identical, as the deep copies
+  of torch nn.TransformerEncoder).
   """
   heads: int = 1
   ffn: int = 2048
   dtype: Any = jnp.float32
+  init_style: str = "xavier"
+  init_key: Any = None
+
+  def _dense(self, features, fan_in, name, zero_bias=False, torch_kernel=True):
+    if self.init_style not in ("xavier", "torch"):
+      raise ValueError(f"model.encoder_init={self.init_style!r} is unknown; use 'xavier' or "
+                       "'torch'.")
+    if self.init_style == "xavier" and self.init_key is None:
+      return dense_layer(features, fan_in, self.dtype, name, zero_bias)
+    kernel = torch_kernel_init if self.init_style == "torch" and torch_kernel else xavier
+    bias = nn.initializers.zeros if zero_bias else torch_bias_init(fan_in)
+    if self.init_key is not None:
+      kernel = keyed_init(kernel, self.init_key, f"{name}/kernel")
+      bias = keyed_init(bias, self.init_key, f"{name}/bias")
+    return nn.Dense(features, kernel_init=kernel, bias_init=bias, dtype=self.dtype, name=name)
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     if d % self.heads:
       raise ValueError(f"model.neck={d} is not divisible by model.heads={self.heads}.")
-    qkv = dense_layer(3 * d, d, self.dtype, "in_proj", zero_bias=True)(x)
+    qkv = self._dense(3 * d, d, "in_proj", zero_bias=True, torch_kernel=False)(x)
     q, k, v = (t.reshape(x.shape[:-1] + (self.heads, d // self.heads))
                for t in jnp.split(qkv, 3, axis=-1))
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
     attn = jax.nn.softmax(logits / math.sqrt(d // self.heads), axis=-1).astype(v.dtype)
     y = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(x.shape)
-    y = dense_layer(d, d, self.dtype, "out_proj", zero_bias=True)(y)
+    y = self._dense(d, d, "out_proj", zero_bias=True)(y)
     ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
     x = ln("norm1")(x.astype(jnp.float32) + y.astype(jnp.float32))
-    y = dense_layer(self.ffn, d, self.dtype, "linear1")(x.astype(self.dtype))
-    y = dense_layer(d, self.ffn, self.dtype, "linear2")(nn.relu(y))
+    y = self._dense(self.ffn, d, "linear1")(x.astype(self.dtype))
+    y = self._dense(d, self.ffn, "linear2")(nn.relu(y))
     return ln("norm2")(x + y.astype(jnp.float32))
 
 

@@ -25,6 +25,7 @@ from jaxreid.eval.evaluator import evaluate_matcher, extract, match_fn, write_re
 from jaxreid.eval.scoring import score_matrix
 from jaxreid.models import init_variables
 from jaxreid.objectives import Objective
+from jaxreid.train import schedule as schedules
 from jaxreid.train.optim import make_optimizer
 from jaxreid.train.state import TrainState
 
@@ -36,6 +37,11 @@ class Task(NamedTuple):
   batches(plan, epoch, start_batch) → host batches for plan rows start_batch…;
   evaluate(state) → results {"test": {name: metrics}, …}, called after the epochs
   `eval_every_epochs` picks and after the last one (None: never).
+  schedule: None, or an epoch schedule decided by the loss (train/schedule.py):
+  end_epoch(epoch, mean loss of the epoch, state) → state after every epoch, and training stops
+  after epoch `schedule.final_epochs` (at most `epochs`);
+  stateful: {name: object} whose state_dict() / load_state_dict(dict) of NumPy arrays is saved in
+  every checkpoint's data state (a sampler's pointers); the schedule's is saved as "schedule".
   """
   name: str                      # log / TensorBoard prefix ("" for the main model)
   state: TrainState
@@ -52,6 +58,8 @@ class Task(NamedTuple):
   keep_checkpoints: int = 2
   eval_every_epochs: int = 0
   stop_at_step: int | None = None
+  schedule: Any = None
+  stateful: dict | None = None
 
 
 def make_train_step(model, tx, objective: Objective, train_cfg):
@@ -130,9 +138,10 @@ def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
 def make_sampler(config, train_split):
   d = config.data
   cls = {"gs": samplers.GraphSampler, "pk": samplers.PKSampler,
-         "random": samplers.RandomSampler}.get(d.sampler)
+         "random": samplers.RandomSampler, "identity": samplers.IdentitySampler}.get(d.sampler)
   if cls is None:
-    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs', 'pk' or 'random'.")
+    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs', 'pk', 'random' or "
+                     "'identity'.")
   return cls(train_split.labels, batch_size=d.batch_size, num_instances=d.num_instances,
              seed=config.seed)
 
@@ -161,17 +170,37 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
   state = parallel.replicate(task.state, task.mesh)
   ckpt = Checkpointer(task.checkpoint_dir, keep=task.keep_checkpoints)
   start_epoch, start_batch, plan = 0, 0, None
+  components = dict(task.stateful or {})
+  if task.schedule is not None:
+    components["schedule"] = task.schedule
+  loss_sum, loss_count = 0.0, 0     # of the current epoch, for the schedule and the log
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, data_state = restored
     start_epoch, start_batch = int(data_state["epoch"]), int(data_state["batch"])
     plan = data_state.get("plan") if start_batch > 0 else None   # None: task.plan draws it again
+    if start_batch > 0 and "loss_sum" in data_state:
+      loss_sum, loss_count = float(data_state["loss_sum"]), int(data_state["loss_count"])
+    for name, obj in components.items():
+      saved = {k[len(name) + 1:]: v for k, v in data_state.items() if k.startswith(name + ".")}
+      if saved:
+        obj.load_state_dict(saved)
     log.info("%sresumed from step %d (epoch %d, batch %d)", prefix, int(state.step),
              start_epoch + 1, start_batch)
   step_fn = parallel.jit_train_step(task.step, task.mesh)
   results = {}
+
+  def data_state_of(epoch, batch, plan):
+    out = {"epoch": epoch, "batch": batch, "plan": plan, "loss_sum": float(loss_sum),
+           "loss_count": loss_count}
+    for name, obj in components.items():
+      out.update({f"{name}.{k}": v for k, v in obj.state_dict().items()})
+    return out
+
   try:
     for epoch in range(start_epoch, task.epochs):
+      if task.schedule is not None and epoch >= task.schedule.final_epochs:
+        break
       if plan is None:
         plan = task.plan(epoch, state)
       total = task.epochs * len(plan)
@@ -181,6 +210,7 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
       t0 = time.time()
       for b, batch in enumerate(bar, start=start_batch):
         state, metrics = step_fn(state, parallel.shard_batch(batch, task.mesh))
+        loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
         step = int(state.step)
         if step % task.log_every_steps == 0 or b == len(plan) - 1:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -191,19 +221,28 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
                             step)
           log.info("%sstep %d/%d epoch %d: %s", prefix, step, total, epoch + 1,
                    " ".join(f"{k}={v:.4f}" for k, v in m.items()))
-        data_state = {"epoch": epoch, "batch": b + 1, "plan": plan}
-        if step % task.checkpoint_every_steps == 0:
-          ckpt.save(state, data_state, task.config)
-        if task.stop_at_step is not None and step >= task.stop_at_step:
-          ckpt.save(state, data_state, task.config, force=True)
+        save_now = step % task.checkpoint_every_steps == 0
+        stop_now = task.stop_at_step is not None and step >= task.stop_at_step
+        if save_now or stop_now:
+          data_state = data_state_of(epoch, b + 1, plan)
+          ckpt.save(state, data_state, task.config, force=stop_now)
+        if stop_now:
           log.info("%sstopped at step %d (stop_at_step); rerun to resume", prefix, step)
           return None, state
       bar.close()
-      start_batch, plan = 0, None
-      ckpt.save(state, {"epoch": epoch + 1, "batch": 0, "plan": np.full((1, 1), -1)},
-                task.config, force=True)
+      last_epoch = task.epochs
+      if loss_count:
+        mean_loss = float(loss_sum) / loss_count
+        writer.add_scalar(f"{tag}train/epoch_loss", mean_loss, int(state.step))
+        if task.schedule is not None:
+          state = task.schedule.end_epoch(epoch, mean_loss, state)
+          last_epoch = min(task.epochs, task.schedule.final_epochs)
+          log.info("%sepoch %d: mean loss %.4f; %s", prefix, epoch + 1, mean_loss,
+                   task.schedule.describe())
+      start_batch, plan, loss_sum, loss_count = 0, None, 0.0, 0
+      ckpt.save(state, data_state_of(epoch + 1, 0, np.full((1, 1), -1)), task.config, force=True)
       every = task.eval_every_epochs
-      if task.evaluate is not None and (epoch + 1 == task.epochs
+      if task.evaluate is not None and (epoch + 1 == last_epoch
                                         or (every and (epoch + 1) % every == 0)):
         results = task.evaluate(state)
         for name, r in results["test"].items():
@@ -241,9 +280,14 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
     with config.unlocked():  # the classifier covers the training ids; saved with the config
       config.model.num_classes = train_split.num_classes
     (workdir / "config.json").write_text(config.to_json(indent=2))
+  if "num_images" in config.train and not config.train.num_images:
+    with config.unlocked():  # the size of an objective's per-image memory (PAT's part bank)
+      config.train.num_images = len(train_split.labels)
+    (workdir / "config.json").write_text(config.to_json(indent=2))
   model = method.build(config)
   sampler = make_sampler(config, train_split)
-  tx = make_optimizer(config.train, sampler.num_batches)
+  tx = make_optimizer(config.train, sampler.epoch_lengths(config.train.epochs)
+                      if hasattr(sampler, "epoch_lengths") else sampler.num_batches)
   state = create_train_state(config, model, tx, objective, train_split.num_classes,
                              jax.random.key(config.seed))
   d, t = config.data, config.train
@@ -252,8 +296,9 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
     for batch in pipeline.train_batches(
         train_split, plan, slots=parallel.process_slice(plan.shape[1]), epoch=epoch,
         start_batch=start_batch, seed=config.seed, height=d.height, width=d.width,
-        augment=d.augment.to_dict() if d.augment else None, num_threads=d.num_threads):
-      yield {"image": batch["image"], "label": batch["label"]}
+        augment=d.augment.to_dict() if d.augment else None, num_threads=d.num_threads,
+        resize=d.get("resize", "bicubic")):
+      yield {"image": batch["image"], "label": batch["label"], "index": batch["index"]}
 
   def evaluate(state):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -266,7 +311,8 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
       batches=batches, evaluate=evaluate, config=config, checkpoint_dir=workdir, mesh=mesh,
       log_every_steps=t.log_every_steps, checkpoint_every_steps=t.checkpoint_every_steps,
       keep_checkpoints=t.keep_checkpoints, eval_every_epochs=t.eval_every_epochs,
-      stop_at_step=t.get("stop_at_step"))
+      stop_at_step=t.get("stop_at_step"), schedule=schedules.from_config(t),
+      stateful={"sampler": sampler} if hasattr(sampler, "state_dict") else None)
   writer = summary_writer(workdir)
   try:
     results, state = run(task, log, writer)

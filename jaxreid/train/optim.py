@@ -5,6 +5,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 OPTIMIZERS = ("sgd", "adam")
@@ -27,16 +28,35 @@ LR_GROUPS = {"backbone": (("encoder", "backbone"),), "new": NEW_MODULES}
 CLIP_GROUPS = {"features": (("encoder",),), "head": (("matcher",), ("head",))}
 
 
-def lr_schedule(train_cfg, steps_per_epoch: int):
+def lr_schedule(train_cfg, steps_per_epoch):
   """step → lr: ×lr_step_factor at each of lr_step_epochs, after a linear warmup over
   `warmup_epochs` from warmup_factor·lr, the factor updated once per epoch (reid-strong-baseline's
-  WarmupMultiStepLR)."""
+  WarmupMultiStepLR).
+
+  `steps_per_epoch`: an int, or the batches of each epoch (a sequence) when epochs differ in
+  length (the identity sampler); steps past the last listed epoch count as later epochs.
+  `train.lr_epoch_offset` (default 0) shifts the epoch the schedule sees: 0-based epoch e runs at
+  scheduler epoch e + offset. 1 is the official trainer's, which steps WarmupMultiStepLR once in
+  its constructor and again at the start of every epoch (docs/methods/embedding.md)."""
   milestones = jnp.asarray(sorted(train_cfg.lr_step_epochs) or [1 << 30])
   warmup = train_cfg.get("warmup_epochs", 0)
   start = train_cfg.get("warmup_factor", 1.0)
+  offset = int(train_cfg.get("lr_epoch_offset", 0))
+  if isinstance(steps_per_epoch, (int, np.integer)):
+    epoch_of = lambda step: step // steps_per_epoch + offset
+  else:
+    lengths = np.asarray(steps_per_epoch, np.int64)
+    if lengths.ndim != 1 or lengths.size == 0 or np.any(lengths < 1):
+      raise ValueError("steps_per_epoch must be a positive int or a non-empty sequence of "
+                       "positive batch counts.")
+    ends = jnp.asarray(np.cumsum(lengths))
+    last = int(lengths[-1])
+    epoch_of = lambda step: jnp.where(
+        step < ends[-1], jnp.searchsorted(ends, step, side="right"),
+        len(lengths) + (step - ends[-1]) // last) + offset
 
   def schedule(step):
-    epoch = step // steps_per_epoch
+    epoch = epoch_of(step)
     decay = train_cfg.lr_step_factor ** jnp.sum(epoch >= milestones)
     if not warmup:
       return train_cfg.lr * decay
@@ -46,7 +66,7 @@ def lr_schedule(train_cfg, steps_per_epoch: int):
   return schedule
 
 
-def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(train_cfg, steps_per_epoch) -> optax.GradientTransformation:
   """Per-group gradient-norm clipping (features, head) → weight decay (L2, added to the gradient)
   → SGD with nesterov momentum or Adam, on `lr_schedule`; the backbone's lr is scaled by
   `backbone_lr_mult`."""
@@ -65,8 +85,24 @@ def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformat
           else optax.identity())
   clip_labels = functools.partial(_group_labels, groups=CLIP_GROUPS)
   lr_labels = functools.partial(_group_labels, groups=LR_GROUPS)
-  return optax.chain(
+  parts = [
       optax.multi_transform({"features": clip, "head": clip}, clip_labels),
       optax.add_decayed_weights(train_cfg.weight_decay),
       optax.multi_transform({"backbone": optimizer(train_cfg.backbone_lr_mult),
-                             "new": optimizer(1.0)}, lr_labels))
+                             "new": optimizer(1.0)}, lr_labels)]
+  if train_cfg.get("adaptive_step_factor", 0.0):
+    # An lr scale in the optimiser state, set between epochs by the loss-driven schedule
+    # (train/schedule.py) and checkpointed with the state; it scales the final update, so it
+    # acts exactly as a scaled lr (momentum is accumulated before the lr).
+    parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
+  return optax.chain(*parts)
+
+
+def set_lr_scale(opt_state, scale: float):
+  """`opt_state` (of `make_optimizer` with train.adaptive_step_factor) with its lr scale set."""
+  last = opt_state[-1]
+  if "step_size" not in getattr(last, "hyperparams", {}):
+    raise ValueError("This optimiser has no lr scale; build it with train.adaptive_step_factor.")
+  old = last.hyperparams["step_size"]
+  new = jax.device_put(jnp.asarray(scale, old.dtype), getattr(old, "sharding", None))
+  return (*opt_state[:-1], last._replace(hyperparams={**last.hyperparams, "step_size": new}))

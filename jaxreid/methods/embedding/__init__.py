@@ -3,7 +3,7 @@ NFormer's stage 1) and the TransMatcher paper's ViT-style and vanilla-Transforme
 its Transformer poolings. Vectors ranked by cosine. docs/methods/embedding.md."""
 from jaxreid import models, objectives
 from jaxreid.methods import Method
-from jaxreid.methods.embedding import model
+from jaxreid.methods.embedding import convert, model
 
 POOLINGS = ("gap", "vit", "decoder")
 
@@ -30,4 +30,6 @@ def build(config) -> models.EmbeddingModel:
 
 METHOD = Method(name="embedding", kind="embedding", build=build,
                 objectives={"embedding": objectives.EMBEDDING},
+                convert=convert.convert, detect=convert.detect, export=convert.export,
+                input_size=(256, 128),
                 describe=lambda m: f"pooling {m.get('pooling', 'gap')}")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxreid.nn.norms import l2_normalize
 
-__all__ = ["NFormer", "reciprocal_neighbours", "sample_landmarks",
+__all__ = ["NFormer", "reciprocal_neighbours", "sample_landmarks", "block_landmarks",
            "nformer_apply"]
 
 
@@ -89,6 +89,18 @@ def sample_landmarks(key, n, num_landmarks=5):
   return jax.random.choice(key, n, (num_landmarks,), replace=False).astype(jnp.int32)
 
 
+def block_landmarks(key, n, num_landmarks=5, layers=4):
+  """[layers, num_landmarks] landmark rows, block i's drawn with fold_in(key, i): the official
+  attention draws new landmarks at every call, i.e. per block (docs/methods/nformer.md)."""
+  return jnp.stack([sample_landmarks(jax.random.fold_in(key, i), n, num_landmarks)
+                    for i in range(layers)])
+
+
+def _dropout(key, x, rate):
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
 def _layer_norm(x, p, eps):
   mean = jnp.mean(x, -1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
@@ -99,8 +111,10 @@ def _linear(x, p):
   return x @ p["kernel"] + p["bias"]
 
 
-def _block_forward(p, x, idx, mask, landmarks, heads, block, eps):
-  """One post-LN block on padded rows x [Np, d]; rows are processed `block` at a time."""
+def _block_forward(p, x, idx, mask, landmarks, heads, block, eps, dropout=0.0, key=None):
+  """One post-LN block on padded rows x [Np, d]; rows are processed `block` at a time. With
+  `dropout` > 0 (training), dropout on the attention projection output and on the MLP output
+  (the official RESID_PDROP), drawn from `key`."""
   npad, d = x.shape
   dh = d // heads
   qkv = jax.lax.map(lambda xb: _linear(xb, p["attn"]["c_attn"]),
@@ -111,24 +125,29 @@ def _block_forward(p, x, idx, mask, landmarks, heads, block, eps):
   b = jnp.einsum("nhd,lhd->nhl", k, q_l)                              # (Q_L·Kᵀ)ᵀ, [Np, H, l]
   scale = 1.0 / math.sqrt(dh)
 
+  drop = (lambda k, y: _dropout(k, y, dropout)) if dropout > 0 else (lambda k, y: y)
+
   def one(args):
-    xb, ab, ib, mb = args
+    xb, ab, ib, mb, kb = args
     logits = jnp.einsum("bhl,bkhl->bhk", ab, b[ib]) * scale           # A_ij over neighbours
     logits = jnp.where(mb[:, None, :], logits, -jnp.inf)
     w = jax.nn.softmax(logits, axis=-1)                               # RNS
     out = jnp.einsum("bhk,bkhd->bhd", w, v[ib]).reshape(-1, d)
-    n1 = _layer_norm(xb + _linear(out, p["attn"]["c_proj"]), p["ln_1"], eps)
+    n1 = _layer_norm(xb + drop(kb[0], _linear(out, p["attn"]["c_proj"])), p["ln_1"], eps)
     hid = jax.nn.gelu(_linear(n1, p["mlp"]["c_fc"]), approximate=True)
-    return _layer_norm(n1 + _linear(hid, p["mlp"]["c_proj"]), p["ln_2"], eps)
+    return _layer_norm(n1 + drop(kb[1], _linear(hid, p["mlp"]["c_proj"])), p["ln_2"], eps)
 
   nb = npad // block
+  keys = (jax.random.split(key, (nb, 2)) if dropout > 0
+          else jnp.zeros((nb, 2), jnp.uint32))                        # unused without dropout
   out = jax.lax.map(one, (x.reshape(nb, block, d), a.reshape(nb, block, heads, -1),
-                          idx.reshape(nb, block, -1), mask.reshape(nb, block, -1)))
+                          idx.reshape(nb, block, -1), mask.reshape(nb, block, -1), keys))
   return out.reshape(npad, d)
 
 
-@partial(jax.jit, static_argnames=("heads", "block", "eps"))
-def _forward(params, x, idx, mask, landmarks, num_queries, heads, block, eps):
+@partial(jax.jit, static_argnames=("heads", "block", "eps", "dropout"))
+def _forward(params, x, idx, mask, landmarks, num_queries, heads, block, eps, dropout=0.0,
+             dropout_key=None):
   n = x.shape[0]
   rows = jnp.arange(n)
   # Queries (rows < num_queries) do not attend to other queries; self always stays.
@@ -137,16 +156,22 @@ def _forward(params, x, idx, mask, landmarks, num_queries, heads, block, eps):
   x, idx = _pad_rows(x, block), _pad_rows(idx, block)
   mask = _pad_rows(mask, block, True)          # padded rows attend to row 0: finite, discarded
   for i in range(len(params)):
-    x = _block_forward(params[f"h_{i}"], x, idx, mask, landmarks, heads, block, eps)
+    x = _block_forward(params[f"h_{i}"], x, idx, mask,
+                       landmarks[i] if landmarks.ndim == 2 else landmarks, heads, block, eps,
+                       dropout, None if dropout_key is None else jax.random.fold_in(dropout_key, i))
   return x[:n]
 
 
 def nformer_apply(params, features, landmarks, *, num_queries=0, k=20, heads=2, block=2048,
-                  neighbours=None, eps=1e-5):
+                  neighbours=None, eps=1e-5, dropout=0.0, dropout_key=None):
   """The NFormer blocks as a pure function of `params` ({"h_0": …, "h_{L-1}": …} of `NFormer`).
-  features [N, d]; landmarks [l] row indices (see `sample_landmarks`); the first `num_queries`
-  rows are queries that attend to no other query; k is clipped to N; neighbours = (idx, mask) from
-  `reciprocal_neighbours(features, k)` unless given. Returns [N, d]."""
+  features [N, d]; landmarks [l] row indices shared by all blocks, or [L, l] one row per block
+  (see `block_landmarks`); the first `num_queries` rows are queries that attend to no other
+  query; k is clipped to N; neighbours = (idx, mask) from `reciprocal_neighbours(features, k)`
+  unless given; `dropout` > 0 with `dropout_key`: training dropout (see `_block_forward`).
+  Returns [N, d]."""
+  if dropout > 0 and dropout_key is None:
+    raise ValueError("dropout > 0 needs a dropout_key.")
   features = jnp.asarray(features, jnp.float32)
   n = features.shape[0]
   block = max(1, min(block, n))
@@ -154,7 +179,8 @@ def nformer_apply(params, features, landmarks, *, num_queries=0, k=20, heads=2, 
     neighbours = reciprocal_neighbours(features, min(k, n), min(block, 1024))
   idx, mask = neighbours
   return _forward(params, features, jnp.asarray(idx, jnp.int32), jnp.asarray(mask, bool),
-                  jnp.asarray(landmarks, jnp.int32), jnp.int32(num_queries), heads, block, eps)
+                  jnp.asarray(landmarks, jnp.int32), jnp.int32(num_queries), heads, block, eps,
+                  float(dropout if dropout_key is not None else 0.0), dropout_key)
 
 
 _normal = nn.initializers.normal(0.02)
@@ -210,9 +236,12 @@ class NFormer(nn.Module):
   __call__(features, landmark_key, num_queries=0, neighbours=None, train=False) ->
   (pre-BN, post-BN, logits or None), each with the leading shape of `features`: one set [N, dim],
   or several [P, S, dim] (training: each set is its own attention context with its own landmarks
-  from `landmark_key`, BN statistics over all P·S rows, as the official batch of sets). BN uses
-  the batch statistics when `train` (batch_stats mutable), running statistics otherwise; the
-  logits are computed in training only (evaluation ranks the post-BN vectors)."""
+  from `landmark_key`, BN statistics over all P·S rows, as the official batch of sets). Each
+  block draws its own landmarks (`block_landmarks`: fold_in(set key, block)), so a fixed key
+  gives a deterministic evaluation. BN uses the batch statistics when `train` (batch_stats
+  mutable), running statistics otherwise; the logits are computed in training only (evaluation
+  ranks the post-BN vectors). `dropout` (official RESID_PDROP 0.1) acts when `train`, from the
+  'dropout' rng."""
   dim: int = 256
   heads: int = 2
   ffn: int = 1024
@@ -222,6 +251,7 @@ class NFormer(nn.Module):
   num_classes: int = 0
   block: int = 2048
   eps: float = 1e-5
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, features, landmark_key, num_queries=0, neighbours=None, train=False):
@@ -234,11 +264,14 @@ class NFormer(nn.Module):
                        f"shape {features.shape}")
     n = sets.shape[1]
     keys = jax.random.split(landmark_key, sets.shape[0]) if features.ndim == 3 else [landmark_key]
+    rate = self.dropout if train and not self.is_initializing() else 0.0
+    drop_keys = (jax.random.split(self.make_rng("dropout"), sets.shape[0]) if rate > 0
+                 else [None] * sets.shape[0])
     pre = jnp.stack([
-        nformer_apply(params, x, sample_landmarks(key, n, min(self.num_landmarks, n)),
+        nformer_apply(params, x, block_landmarks(key, n, min(self.num_landmarks, n), self.layers),
                       num_queries=num_queries, k=self.k, heads=self.heads, block=self.block,
-                      neighbours=neighbours, eps=self.eps)
-        for x, key in zip(sets, keys)]).reshape(features.shape)
+                      neighbours=neighbours, eps=self.eps, dropout=rate, dropout_key=drop_key)
+        for x, key, drop_key in zip(sets, keys, drop_keys)]).reshape(features.shape)
     flat = pre.reshape(-1, self.dim)
     post = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         use_bias=False, name="bottleneck")(flat)

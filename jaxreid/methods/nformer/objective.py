@@ -48,7 +48,8 @@ def sample_sets(features: np.ndarray, labels: np.ndarray, *, sets: int, size: in
 
 
 def make_optimizer(nf) -> optax.GradientTransformation:
-  """L2 weight decay added to the gradient, then Adam at the constant nformer.lr."""
+  """L2 weight decay (nformer.weight_decay; the official stage 2 has none) added to the
+  gradient, then Adam at the constant nformer.lr."""
   return optax.chain(optax.add_decayed_weights(float(nf.weight_decay)), optax.adam(float(nf.lr)))
 
 
@@ -64,10 +65,10 @@ def create_state(head: NFormer, tx, sets: int, size: int, rng) -> TrainState:
 
 
 def _sets_loss(head, variables, state, batch, nf):
-  """Landmarks come from the step's key (fold_in(state.rng, step))."""
-  key = jax.random.fold_in(state.rng, state.step)
+  """Landmarks and dropout come from the step's key (fold_in(state.rng, step))."""
+  key, drop_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
   (pre, _, logits), upd = head.apply(variables, batch["features"], key, train=True,
-                                     mutable=["batch_stats"])
+                                     mutable=["batch_stats"], rngs={"dropout": drop_key})
   pre, logits = pre.reshape(-1, head.dim), logits.reshape(-1, head.num_classes)
   labels = batch["labels"].reshape(-1)
   ce = objectives.cross_entropy_label_smooth(logits, labels, nf.label_smoothing)

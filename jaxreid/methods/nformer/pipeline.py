@@ -1,8 +1,10 @@
 """The NFormer pipeline (docs/methods/nformer.md): stage 1 = the embedding baseline (ResNet →
 GAP → Linear → BNNeck, the paper's "Res50"), trained by the one training loop; stage 2 freezes
-it, encodes the train split (post-BN vectors, eval transform: the official code collects
-`model.eval()` outputs with TEST.NECK_FEAT "after"), L2-normalises them (option
-`nformer.normalize_train`) and trains the NFormer head on sets of them through the same loop;
+it and trains the NFormer head through the same loop on sets of its train features (post-BN
+vectors of the CNN in eval mode: the official code collects `model.eval()` outputs with
+TEST.NECK_FEAT "after"): extracted again before every epoch through the augmenting train
+transform and not normalised (`nformer.extract_every_epoch`, official), or extracted once and
+cached (eval transform or `train_views` augmented views, `nformer.normalize_train`);
 evaluation refines query + gallery as one set before cosine ranking.
 
 Stage 2 checkpoints live in workdir/nformer/, so an interrupted run resumes where it stopped;
@@ -38,33 +40,56 @@ def resolve(config) -> ml_collections.ConfigDict:
   return config
 
 
-def train_stage2(config, features: np.ndarray, labels: np.ndarray, num_classes: int,
-                 workdir, log=None) -> tuple[dict, "TrainState"]:
+def train_stage2(config, features: np.ndarray | None, labels: np.ndarray, num_classes: int,
+                 workdir, log=None, extract_view=None) -> tuple[dict, "TrainState"]:
   """Trains the NFormer head of `config` (resolved, see `resolve`) on cached train `features`
   [N, d], or [V, N, d] (V views, e.g. augmented extractions: epoch e uses view e mod V), with
   `labels` (0..num_classes-1), through the training loop, resuming from
-  workdir/nformer/checkpoints. A batch is `sets_per_step` sets drawn by `sample_sets` for the
-  global step, so a resumed run draws the same sets. Returns ({"params", "batch_stats"}, final
+  workdir/nformer/checkpoints. `extract_view(epoch)` → [N, d] instead gives each epoch its own
+  features, computed when the epoch starts (the official per-epoch re-extraction; `features`
+  may then be None). A batch is `sets_per_step` sets drawn by `sample_sets` for the global
+  step, so a resumed run draws the same sets. Returns ({"params", "batch_stats"}, final
   state); ({}, state) when stopped by nformer.stop_at_step."""
   nf = config.nformer
-  views = features if features.ndim == 3 else features[None]
-  if views.shape[-1] != nf.dim:
-    raise ValueError(f"nformer.dim={nf.dim} but the stage-1 features have {views.shape[-1]} "
-                     "dimensions; set nformer.dim=0 to follow model.embed_dim.")
-  units = np.asarray(l2_normalize(views))   # the neighbour search of every step ranks by cosine
-  if nf.normalize_train:
-    views = units
-  n = views.shape[1]
+
+  def prepare(views):
+    if views.shape[-1] != nf.dim:
+      raise ValueError(f"nformer.dim={nf.dim} but the stage-1 features have {views.shape[-1]} "
+                       "dimensions; set nformer.dim=0 to follow model.embed_dim.")
+    units = np.asarray(l2_normalize(views))
+    if nf.normalize_train:
+      views = units
+    # The sets' neighbour search: cosine, or the official NFormerDataset's raw dot product
+    # (1 − f_c·f_j on the features as given: unnormalised in official training).
+    metric = nf.get("set_metric", "cosine")
+    if metric not in ("cosine", "dot"):
+      raise ValueError(f"nformer.set_metric={metric!r} is unknown; use 'cosine' or 'dot'.")
+    return views, (units if metric == "cosine" else views)
+
+  if extract_view is None:
+    views, units = prepare(features if features.ndim == 3 else features[None])
+    view_of = lambda epoch: (views[epoch % len(views)], units[epoch % len(views)])
+  else:
+    current = {}
+
+    def view_of(epoch):
+      if current.get("epoch") != epoch:
+        current.update(epoch=epoch, view=prepare(np.asarray(extract_view(epoch))[None]))
+      view, unit = current["view"]
+      return view[0], unit[0]
+  n = len(labels)
   sets, size = set_shape(nf, n)
   per_epoch = steps_per_epoch(nf, n)
   head = build_head(nf, num_classes)
   tx = make_optimizer(nf)
 
   def batches(plan, epoch, start_batch):
-    view = epoch % len(views)
+    view, unit = view_of(epoch)
+    if len(view) != n:
+      raise ValueError(f"the train features have {len(view)} rows but there are {n} labels.")
     for step in plan[start_batch:, 0]:
-      yield sample_sets(views[view], labels, sets=sets, size=size, unit=units[view],
-                        seed=config.seed, step=int(step))
+      yield sample_sets(view, labels, sets=sets, size=size, unit=unit, seed=config.seed,
+                        step=int(step))
 
   workdir = Path(workdir)
   task = loop.Task(
@@ -131,7 +156,8 @@ def augmented_features(config, model, variables, split, mesh, view: int) -> np.n
   for batch in pipeline.train_batches(split, plan, epoch=view, seed=config.seed + 7919,
                                       height=config.data.height, width=config.data.width,
                                       augment=config.data.augment.to_dict(),
-                                      num_threads=config.data.num_threads):
+                                      num_threads=config.data.num_threads,
+                                      resize=config.data.get("resize", "bicubic")):
     images = parallel.put_global(batch["image"], parallel.batch_sharded(mesh))
     out.append(parallel.replicated_to_host(encode(variables, images)))
   return np.concatenate(out)[:n]
@@ -179,12 +205,29 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
   t1 = time.time()
   config = resolve(config)
   log = loop.file_logger(workdir)
-  features, labels, num_classes = train_features(s1_config, config.nformer, model, variables,
-                                                 mesh, workdir, int(stage1.get("step", 0)))
+  extract_view, extraction_seconds = None, []
+  if config.nformer.get("extract_every_epoch", False):
+    # Official: before every NFormer epoch, the train split through the augmenting train
+    # transform, CNN in eval mode, not normalised (nformer.normalize_train).
+    split = datasets.load_train(s1_config.dataset.train, data_dir=s1_config.dataset.data_dir,
+                                manual_dir=s1_config.dataset.manual_dir)
+    features, labels, num_classes = None, split.labels, split.num_classes
+
+    def extract_view(epoch):
+      t = time.time()
+      out = augmented_features(s1_config, model, variables, split, mesh, epoch)
+      extraction_seconds.append(time.time() - t)
+      log.info("nformer: epoch %d train features extracted in %.1f s", epoch + 1,
+               extraction_seconds[-1])
+      return out
+  else:
+    features, labels, num_classes = train_features(s1_config, config.nformer, model, variables,
+                                                   mesh, workdir, int(stage1.get("step", 0)))
   with config.unlocked():
     config.nformer.num_classes = int(num_classes)
     config.model.num_classes = int(s1_config.model.get("num_classes", 0))
-  nf_vars, state = train_stage2(config, features, labels, num_classes, workdir, log)
+  nf_vars, state = train_stage2(config, features, labels, num_classes, workdir, log,
+                                extract_view=extract_view)
   if not nf_vars:
     return {}
   t2 = time.time()
@@ -199,7 +242,9 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
       paper=config.nformer.paper.to_dict(), step=int(state.step),
       stage1={k: stage1[k] for k in ("test", "paper", "step") if k in stage1},
       seconds={"stage1": round(t1 - t0, 1), "stage2": round(t2 - t1, 1),
-               "eval": round(time.time() - t2, 1)})
+               "eval": round(time.time() - t2, 1),
+               **({"train_features_per_epoch": [round(s, 2) for s in extraction_seconds]}
+                  if extraction_seconds else {})})
   log.info("nformer eval: %s", json.dumps(results["test"]))
   write_results(workdir, results)
   return results

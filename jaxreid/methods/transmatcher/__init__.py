@@ -18,7 +18,8 @@ def build(config) -> models.PairwiseModel:
   encoder = models.TransformerMapEncoder(
       **fields, normalize=m.get("normalize", False), num_layers=m.num_layers,
       encoders=m.encoders, heads=m.heads, ffn=m.ffn, pos_embed=m.pos_embed,
-      map_dtype=jnp.dtype(m.get("map_dtype", "float32")))
+      map_dtype=jnp.dtype(m.get("map_dtype", "float32")),
+      encoder_init=m.get("encoder_init", "xavier"))
   matcher = model.TransMatcher(h, w, num_layers=m.num_layers, ffn=m.ffn, fc1=m.fc1, bn1=m.bn1,
                                mlp_head1=m.mlp_head1, prior_embed=m.prior_embed,
                                dtype=fields["dtype"])

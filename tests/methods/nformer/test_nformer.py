@@ -27,7 +27,8 @@ def dense_neighbours(x, k):
 
 def dense_forward(params, x, landmarks, k, num_queries=0, heads=HEADS, eps=1e-5):
   """The NFormer definition on dense N×N arrays (float64): A = (Q·K_Lᵀ)(Q_L·Kᵀ)/√d_head, masked
-  softmax over each row with the dense reciprocal mask (queries masked from other queries)."""
+  softmax over each row with the dense reciprocal mask (queries masked from other queries).
+  landmarks: [l] for every block, or [L, l] one row per block."""
   params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   x = x.astype(np.float64)
   n, d = x.shape
@@ -41,12 +42,14 @@ def dense_forward(params, x, landmarks, k, num_queries=0, heads=HEADS, eps=1e-5)
   gelu = lambda y: 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
   for i in range(len(params)):
     p = params[f"h_{i}"]
+    lm = np.asarray(landmarks)
+    lm = lm[i] if lm.ndim == 2 else lm
     q, kk, v = np.split(lin(x, p["attn"]["c_attn"]), 3, axis=1)
     out = []
     for h in range(heads):
       sl = slice(h * dh, (h + 1) * dh)
       qh, kh, vh = q[:, sl], kk[:, sl], v[:, sl]
-      a = (qh @ kh[landmarks].T) @ (qh[landmarks] @ kh.T) / np.sqrt(dh)
+      a = (qh @ kh[lm].T) @ (qh[lm] @ kh.T) / np.sqrt(dh)
       a = np.where(m, a, -np.inf)
       w = np.exp(a - a.max(1, keepdims=True))
       out.append((w / w.sum(1, keepdims=True)) @ vh)
@@ -200,3 +203,68 @@ def test_gradients_are_finite_with_masked_neighbours():
   gp, gx = jax.grad(loss, argnums=(0, 1))(params, x)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(gp))
   assert np.isfinite(np.asarray(gx)).all() and np.abs(np.asarray(gx)).max() > 0
+
+
+def test_landmarks_are_drawn_per_block():
+  """The module's blocks use block_landmarks: block i from fold_in(key, i) (the official
+  attention draws at every call); a dense forward with one shared draw differs."""
+  x = features(60, seed=19)
+  model = NFormer(dim=D, heads=HEADS, ffn=64, layers=2, k=8, block=32)
+  params = random_params(2, seed=20)
+  key = jax.random.key(5)
+  per_block = np.stack([sample_landmarks(jax.random.fold_in(key, i), 60, 5) for i in range(2)])
+  assert not np.array_equal(per_block[0], per_block[1])
+  got = np.asarray(blocks_output(model, params, x, key))
+  np.testing.assert_allclose(got, dense_forward(params, x, per_block, 8), atol=1e-3)
+  assert np.abs(got - dense_forward(params, x, per_block[0], 8)).max() > 1e-3
+
+
+def test_dropout_on_attention_projection_and_mlp_outputs():
+  """dropout p: x ← LN(x + drop(c_proj(u))), x ← LN(x + drop(MLP(x))), inverted scaling
+  (official RESID_PDROP); masks from fold_in(key, block), split per row block and use."""
+  n, p = 40, 0.3
+  x = features(n, seed=21)
+  params = random_params(2, seed=22)
+  lm = np.array([3, 9, 17, 25, 33])
+  key = jax.random.key(7)
+  got = np.asarray(nformer_apply(params, x, lm, k=6, heads=HEADS, block=n, dropout=p,
+                                 dropout_key=key))
+  masks = []
+  for i in range(2):
+    k1, k2 = jax.random.split(jax.random.fold_in(key, i), (1, 2))[0]
+    masks.append([np.asarray(jax.random.bernoulli(k, 1 - p, (n, D))) / (1 - p) for k in (k1, k2)])
+  # dense reference with the two dropout sites: re-run block by block
+  y = x.astype(np.float64)
+  _, m = dense_neighbours(x, 6)
+  eps, dh = 1e-5, D // HEADS
+  pr = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  ln = lambda v, q: (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + eps) \
+      * q["scale"] + q["bias"]
+  lin = lambda v, q: v @ q["kernel"] + q["bias"]
+  gelu = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
+  for i in range(2):
+    b = pr[f"h_{i}"]
+    q, kk, v = np.split(lin(y, b["attn"]["c_attn"]), 3, axis=1)
+    out = []
+    for h in range(HEADS):
+      sl = slice(h * dh, (h + 1) * dh)
+      a = (q[:, sl] @ kk[lm, sl].T) @ (q[lm, sl] @ kk[:, sl].T) / np.sqrt(dh)
+      a = np.where(m, a, -np.inf)
+      w = np.exp(a - a.max(1, keepdims=True))
+      out.append(w / w.sum(1, keepdims=True) @ v[:, sl])
+    n1 = ln(y + masks[i][0] * lin(np.concatenate(out, 1), b["attn"]["c_proj"]), b["ln_1"])
+    y = ln(n1 + masks[i][1] * lin(gelu(lin(n1, b["mlp"]["c_fc"])), b["mlp"]["c_proj"]), b["ln_2"])
+  np.testing.assert_allclose(got, y, atol=1e-3)
+  plain = np.asarray(nformer_apply(params, x, lm, k=6, heads=HEADS, block=n))
+  np.testing.assert_allclose(plain, dense_forward(params, x, lm, 6), atol=1e-3)
+  assert np.abs(got - plain).max() > 1e-2
+  # the module: dropout only while training, from the 'dropout' rng
+  model = NFormer(dim=D, heads=HEADS, ffn=64, layers=2, k=6, block=n, dropout=p)
+  variables = {"params": {**params, "bottleneck": {"scale": jnp.ones(D)}},
+               "batch_stats": {"bottleneck": {"mean": jnp.zeros(D), "var": jnp.ones(D)}}}
+  ev = model.apply(variables, x, jax.random.key(1))[0]
+  np.testing.assert_allclose(np.asarray(ev), np.asarray(model.clone(dropout=0.0).apply(
+      variables, x, jax.random.key(1))[0]), atol=1e-6)
+  tr = lambda r: model.apply(variables, x[None], jax.random.key(1), train=True,
+                             mutable=["batch_stats"], rngs={"dropout": jax.random.key(r)})[0][0]
+  assert np.abs(np.asarray(tr(0)) - np.asarray(tr(1))).max() > 1e-2

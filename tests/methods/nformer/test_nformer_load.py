@@ -85,6 +85,7 @@ class TorchNFormer(torch.nn.Module):
       self.bottleneck.running_var.uniform_(0.5, 2.0)
 
   def forward(self, x, landmarks, k, num_queries=0):
+    """landmarks [LAYERS, l]: block i attends through landmarks[i]."""
     n = x.shape[0]
     xn = x / x.norm(dim=1, keepdim=True)
     sims = xn @ xn.T
@@ -95,8 +96,8 @@ class TorchNFormer(torch.nn.Module):
     mask = member & member.T
     q = torch.arange(n) < num_queries
     mask &= ~(q[:, None] & q[None, :] & ~torch.eye(n, dtype=torch.bool))
-    for block in self.h:
-      x = block(x, mask, landmarks)
+    for block, lm in zip(self.h, landmarks):
+      x = block(x, mask, lm)
     return self.bottleneck(x)
 
 
@@ -122,7 +123,8 @@ def test_official_state_dict_refines_like_torch(official):
   assert (m.layers, m.dim, m.ffn, m.heads) == (LAYERS, DIM, FFN, HEADS)
   assert loaded.variables["params"]["h_0"]["attn"]["c_attn"]["kernel"].shape == (DIM, 3 * DIM)
   x = np.random.default_rng(0).standard_normal((90, DIM)).astype(np.float32)
-  landmarks = np.asarray(sample_landmarks(jax.random.key(0), 90, 5))   # refine's fixed key
+  landmarks = np.stack([sample_landmarks(jax.random.fold_in(jax.random.key(0), i), 90, 5)
+                        for i in range(LAYERS)])          # refine's fixed key, one draw per block
   unit = np.asarray(l2_normalize(x))
   outputs = []
   for nq in (0, 25):

@@ -76,7 +76,9 @@ def test_refine_masks_queries_and_is_deterministic():
   variables = random_variables(config)
   x, _, _ = clusters(20, 8, seed=1)
   q, g = x[:30], x[30:]
-  landmarks = np.asarray(sample_landmarks(jax.random.key(0), len(x), 5))
+  # block i's landmarks from fold_in(key(landmark_seed), i)
+  landmarks = np.stack([sample_landmarks(jax.random.fold_in(jax.random.key(0), i), len(x), 5)
+                        for i in range(config.nformer.layers)])
   unit = np.asarray(l2_normalize(x))
   bn = variables["batch_stats"]["bottleneck"]
   neck = lambda y: ((y - bn["mean"]) / np.sqrt(bn["var"] + 1e-5)
@@ -117,3 +119,41 @@ def test_stage2_learns_and_resumes(tmp_path):
   assert nt.train_stage2(stopped, x, ids, 60, tmp_path / "split")[0] == {}
   resumed, _ = nt.train_stage2(config, x, ids, 60, tmp_path / "split")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), variables, resumed)
+
+
+def test_stage2_with_features_extracted_every_epoch(tmp_path):
+  """extract_view(epoch) is asked once per epoch (again for the epoch a resumed run re-enters),
+  and the unnormalised view of that epoch is what the sets hold."""
+  config = small_config(epochs=2, normalize_train=False, dropout=0.1, weight_decay=0.0,
+                        set_metric="dot")
+  x, ids, _ = clusters(30, 8, seed=0)
+  calls = []
+
+  def extract_view(epoch):
+    calls.append(epoch)
+    return 3.0 * x + epoch                       # unnormalised, different every epoch
+
+  seen = []
+  original = nt.sample_sets
+  units = []
+  nt.sample_sets = lambda f, *a, **k: (seen.append(f.copy()), units.append(k["unit"]),
+                                       original(f, *a, **k))[2]
+  try:
+    nt.train_stage2(config, None, ids, 30, tmp_path / "a", extract_view=extract_view)
+    assert calls == [0, 1]
+    np.testing.assert_array_equal(seen[0], 3.0 * x)
+    np.testing.assert_array_equal(seen[-1], 3.0 * x + 1)
+    # official NFormerDataset: nearest rows by the raw dot product of the (unnormalised) rows
+    np.testing.assert_array_equal(units[0], 3.0 * x)
+    calls.clear()
+    stopped = small_config(epochs=2, normalize_train=False, stop_at_step=3)
+    nt.train_stage2(stopped, None, ids, 30, tmp_path / "b", extract_view=extract_view)
+    nt.train_stage2(config, None, ids, 30, tmp_path / "b", extract_view=extract_view)
+    assert calls == [0, 0, 1]                   # steps_per_epoch = 240 // 30 = 8 > 3
+    units.clear()
+    nt.train_stage2(small_config(epochs=1, normalize_train=False), None, ids, 30, tmp_path / "c",
+                    extract_view=extract_view)      # cosine: the normalised rows
+    np.testing.assert_allclose(units[0], 3.0 * x / np.linalg.norm(3.0 * x, axis=1,
+                                                                    keepdims=True), rtol=1e-5)
+  finally:
+    nt.sample_sets = original

@@ -69,3 +69,52 @@ def test_class_memory_overwrites_with_last_occurrence():
   out2 = memory.overwrite(out, feats[:1] + 100, jnp.array([1]))
   np.testing.assert_array_equal(out2["features"][1], feats[0] + 100)
   np.testing.assert_array_equal(out2["features"][3], feats[2])
+
+
+def _official_trainer_mean(per_anchor):
+  """The official v2.1 trainer (reid/trainers.py, Trainer._forward): keep the finite per-anchor
+  losses, then average them."""
+  finite = np.isfinite(per_anchor)
+  return per_anchor[finite].mean()
+
+
+def _official_triplet(score, target, margin):
+  """Transcription of the official v2.1 reid/loss/triplet_loss.py (per-anchor, reduction none)."""
+  n = len(target)
+  pair_labels = (target[:, None] == target[None, :]).astype(np.float64)
+  eye = np.eye(n)
+  with np.errstate(invalid="ignore"):
+    min_pos = np.min(score * pair_labels + (1 - pair_labels + eye) * 1e15, axis=1)
+    max_neg = np.max(score * (1 - pair_labels) - pair_labels * 1e15, axis=1)
+    return np.maximum(0.0, -(min_pos - max_neg) + margin)      # MarginRankingLoss, y = 1
+
+
+def _official_pairwise(score, target):
+  """Transcription of the official v2.1 reid/loss/pairwise_matching_loss.py (per anchor)."""
+  pair_labels = (target[:, None] == target[None, :]).astype(np.float64)
+  with np.errstate(invalid="ignore", over="ignore"):
+    return np_bce(score, pair_labels).sum(-1)
+
+
+def test_non_finite_anchors_are_dropped_before_the_mean():
+  import jax
+  rng = np.random.default_rng(3)
+  labels = np.repeat(np.arange(4), 2)                  # a GS batch with K = 2
+  for bad in (np.inf, -np.inf, np.nan):
+    logits = rng.normal(size=(8, 8)) * 10
+    logits[2, 5] = bad                                 # one anchor's row is poisoned
+    for ours, official in (
+        (lambda x: losses.triplet_score_loss(x, jnp.asarray(labels), 16.0),
+         lambda x: _official_triplet(x, labels, 16.0)),
+        (lambda x: losses.pairwise_bce_loss(x, jnp.asarray(labels)),
+         lambda x: _official_pairwise(x, labels))):
+      expected = _official_trainer_mean(official(logits))
+      assert np.isfinite(expected)
+      x = jnp.asarray(logits, jnp.float32)
+      np.testing.assert_allclose(float(ours(x)), expected, rtol=1e-5)
+      grad = np.asarray(jax.grad(ours)(x))
+      assert np.isfinite(grad[np.arange(8) != 2]).all()   # the other anchors still learn
+  # Without dropping, one poisoned anchor poisons the loss.
+  assert not np.isfinite(float(losses.pairwise_bce_loss(jnp.asarray(logits, jnp.float32),
+                                                        jnp.asarray(labels),
+                                                        drop_non_finite=False)))

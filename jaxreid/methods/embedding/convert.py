@@ -1,0 +1,20 @@
+"""Official stage-1 weights → the embedding model: reid-strong-baseline's `Baseline` (NFormer's
+stage 1), bare or as the 'backbone.*' half of NFormer's release file `nformer_model.pth`
+(docs/methods/embedding.md). The conversion itself is shared (`models.baseline_from_official`)."""
+from jaxreid import models
+from jaxreid.methods import has_key
+
+
+def detect(keys) -> bool:
+  """A `Baseline`: 'base.layer*' ResNet with 'projection' and 'bottleneck' beside it (alone or
+  under 'backbone.', as in NFormer's release file)."""
+  return (has_key(keys, "base.layer") and has_key(keys, "projection.")
+          and has_key(keys, "bottleneck."))
+
+
+def convert(state, input_size):
+  return models.baseline_from_official(state, input_size)
+
+
+def export(variables):
+  return models.baseline_to_official(variables)
