@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.tile_p = 64
   c.eval.tile_g = 256
   c.eval.max_rank = 50
+  # Pairwise matchers: > 0 re-scores only each query's top-k gallery entries of a first stage
+  # (−‖p − g‖² of pooled features) and ranks the rest after them (eval.scoring.rescore_top_k).
+  c.eval.rescore_top_k = 0
   c.eval.rerank = False                 # k-reciprocal re-ranking (Zhong et al. 2017)
   c.eval.tlift = False                  # temporal lifting (QAConv paper, Sec. 4)
   # Matcher score → re-ranking distance: "sigmoid" = 1 - sigmoid(s/10), "neg" = -s.

@@ -138,6 +138,29 @@ def _display_image(split, index: int, size: tuple[int, int], min_height: int = 2
   return np.asarray(image.resize((w * factor, h * factor), Image.BICUBIC))
 
 
+def _drawn_rows(corr: dict):
+  """(name, locations, similarities) of every matching layer of one pair's correspondences, then
+  of each finer scale a pyramid matcher adds as `scale{s}_*` (KPM: s = 2, 3, …)."""
+  for layer in range(corr["probe_to_gallery"].shape[0]):
+    yield (f"layer {layer + 1}", corr["probe_to_gallery"][layer, 0, 0],
+           corr["probe_to_gallery_score"][layer, 0, 0])
+  s = 2
+  while f"scale{s}_probe_to_gallery" in corr:
+    yield (f"scale {s}", corr[f"scale{s}_probe_to_gallery"][0, 0],
+           corr[f"scale{s}_probe_to_gallery_score"][0, 0])
+    s += 1
+
+
+def _grid(locations: int, map_size) -> tuple[int, int]:
+  """The (h, w) grid of `locations` cells: the model's map, or that map upsampled by an
+  integer factor (a finer pyramid scale)."""
+  h, w = map_size
+  factor = int(round((locations / (h * w)) ** 0.5))
+  if factor < 1 or factor * factor * h * w != locations:
+    raise ValueError(f"{locations} matched locations fit no upsampling of the {h}×{w} map.")
+  return h * factor, w * factor
+
+
 def visualize(config, checkpoint: str, workdir: str, num_pairs: int, num_matches: int) -> dict:
   """--mode=visualize: for `num_pairs` queries of the first test set, ranks the gallery with the
   model (only those queries are scored), and draws the probe → gallery argmax matches of each
@@ -180,13 +203,12 @@ def visualize(config, checkpoint: str, workdir: str, num_pairs: int, num_matches
     probe_img, gallery_img = _display_image(query, int(qi), (h, w)), _display_image(gallery, gi,
                                                                                      (h, w))
     layers, labels = [], []
-    for layer in range(corr["probe_to_gallery"].shape[0]):
-      loc = corr["probe_to_gallery"][layer, 0, 0]
-      sim = corr["probe_to_gallery_score"][layer, 0, 0]
-      layers.append(viz.draw_matches(probe_img, gallery_img, loc, sim, map_size=model.map_size,
+    for name, loc, sim in _drawn_rows(corr):
+      layers.append(viz.draw_matches(probe_img, gallery_img, loc, sim,
+                                     map_size=_grid(loc.size, model.map_size),
                                      top=num_matches or None, gap=8, line_width=2))
       shown = min(num_matches, loc.size) if num_matches else loc.size
-      labels.append(f"layer {layer + 1}: strongest {shown} of {loc.size} matches, "
+      labels.append(f"{name}: strongest {shown} of {loc.size} matches, "
                     f"similarity {sim.max():.3g} (max) {sim.mean():.3g} (mean)")
     correct = bool(gallery.pids[gi] == query.pids[qi])
     heading = (f"query {query.filenames[qi]} -> gallery {gallery.filenames[gi]} "

@@ -1,6 +1,7 @@
 """The only list of method names. Everything that needs to know a method (the API, the command
 line, checkpoint loading) asks here; a new method is one line in `METHODS`."""
-from jaxreid.methods import Method, embedding, nformer, qaconv, transformer_pairs, transmatcher
+from jaxreid.methods import (Method, embedding, kpm, nformer, pat, qaconv, transformer_pairs,
+                             transmatcher)
 from jaxreid.weights import flatten_state
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -9,6 +10,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     *transformer_pairs.METHODS,
     embedding.METHOD,
     nformer.METHOD,
+    kpm.METHOD,
+    pat.METHOD,
 )}
 
 

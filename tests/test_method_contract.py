@@ -32,6 +32,8 @@ def tiny_config(name: str):
     if field in m:
       m[field] = value
   config.data.update(height=H, width=W, batch_size=8)
+  if "num_images" in config.train:   # a per-image memory (PAT's part bank): the 8 images below
+    config.train.num_images = 8
   config.eval.update(batch_size=8, tile_p=4, tile_g=4)
   return config
 
@@ -66,7 +68,8 @@ def test_one_training_step_per_objective(method_case):
   name, method, config, model, _ = method_case
   assert method.objectives, f"{name} has no objective"
   labels = jnp.asarray(np.repeat(np.arange(NUM_CLASSES), 2), jnp.int32)
-  batch = {"image": jnp.asarray(images(8, 2)), "label": labels}
+  batch = {"image": jnp.asarray(images(8, 2)), "label": labels,
+           "index": jnp.arange(8, dtype=jnp.int32)}
   for loss_name, objective in sorted(method.objectives.items()):
     config.train.loss = loss_name
     for field, value in (("focal_gamma", 2.0), ("triplet_margin", 0.3)):

@@ -167,3 +167,20 @@ def test_main_visualize_writes_pngs(synthetic_data_dir, tmp_path):
   assert (workdir / "visualize" / "index.html").is_file()
   image = Image.open(pngs[0])
   assert image.mode == "RGB" and image.height >= 256 and image.width >= 2 * 128
+
+
+def test_visualize_rows_cover_every_layer_and_finer_scale():
+  """--mode=visualize draws each matching layer, then each finer pyramid scale (`scale{s}_*`,
+  KPM) on its own grid, the model's map upsampled by an integer factor."""
+  from jaxreid.cli import _drawn_rows, _grid
+  rng = np.random.default_rng(0)
+  corr = {"probe_to_gallery": rng.integers(0, 8, (2, 1, 1, 8)),
+          "probe_to_gallery_score": rng.random((2, 1, 1, 8)),
+          "scale2_probe_to_gallery": rng.integers(0, 32, (1, 1, 32)),
+          "scale2_probe_to_gallery_score": rng.random((1, 1, 32))}
+  rows = list(_drawn_rows(corr))
+  assert [name for name, _, _ in rows] == ["layer 1", "layer 2", "scale 2"]
+  np.testing.assert_array_equal(rows[2][1], corr["scale2_probe_to_gallery"][0, 0])
+  assert [_grid(loc.size, (4, 2)) for _, loc, _ in rows] == [(4, 2), (4, 2), (8, 4)]
+  with pytest.raises(ValueError, match="24 matched locations fit no upsampling"):
+    _grid(24, (4, 2))

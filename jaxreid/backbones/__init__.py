@@ -7,7 +7,7 @@ parameters sit under params/encoder/backbone: the optimiser's backbone lr group
 """
 from typing import Any, Callable, NamedTuple
 
-from jaxreid.backbones import resnet
+from jaxreid.backbones import resnet, vit
 
 
 class Backbone(NamedTuple):
@@ -18,6 +18,7 @@ class Backbone(NamedTuple):
 
 BACKBONES = {
     "resnet": Backbone(resnet.from_config, resnet.output_size, resnet.load_pretrained),
+    "vit": Backbone(vit.from_config, vit.output_size, vit.load_pretrained),
 }
 
 

@@ -14,7 +14,8 @@ from jaxreid import parallel
 from jaxreid.data import datasets, pipeline
 from jaxreid.eval.metrics import evaluate_ranking, top_k
 from jaxreid.eval.rerank import rerank
-from jaxreid.eval.scoring import match_fn, score_matrix
+from jaxreid.eval.scoring import (first_stage_scores, global_features, match_fn,
+                                   rescore_top_k, score_matrix)
 from jaxreid.eval.tlift import tlift
 
 RANKS = (1, 5, 10, 20)
@@ -83,6 +84,8 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
       q, g = refine(q, g)
     score = functools.partial(score_matrix, match_fn(model), variables, tile_p=config.eval.tile_p,
                               tile_g=config.eval.tile_g, mesh=mesh, progress=True)
+    if config.eval.get("rescore_top_k", 0):   # only each query's top-k of a first stage
+      score = functools.partial(rescored, model, variables, config.eval)
     rows, notes = {}, []
     t_row = time.time()
     for row, similarity in post_processed(config.eval, score(q, g), lambda: (score(q, q),
@@ -108,6 +111,16 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
   if retrieval and jax.process_index() == 0:
     np.savez(Path(workdir) / "retrieval.npz", **retrieval)
   return results
+
+
+def rescored(model, variables, eval_config, probe, gallery) -> np.ndarray:
+  """`scoring.rescore_top_k` with eval.rescore_top_k entries per query re-scored by the matcher,
+  after a first stage of −‖p − g‖² on `scoring.global_features`."""
+  first = first_stage_scores(global_features(model, variables, probe),
+                             global_features(model, variables, gallery))
+  return rescore_top_k(match_fn(model), variables, probe, gallery, first,
+                       eval_config.rescore_top_k, tile_p=eval_config.tile_p,
+                       tile_g=eval_config.tile_g, progress=True)
 
 
 def post_processed(eval_config, scores, self_scores, query, gallery, title, notes):

@@ -117,3 +117,88 @@ def _tile(x, start, size):
 
 def _round_up(x, m):
   return -(-x // m) * m
+
+
+# ------------------------------------------------------------------------------------------------
+# Re-scoring only each query's top-k gallery entries of a cheaper first-stage ranking (KPM's
+# cascade, docs/methods/kpm.md): any pairwise matcher, P·k matcher calls instead of P·G.
+
+
+def global_features(model, variables, feats, batch_size: int = 256) -> np.ndarray:
+  """[N, D] vectors of encoder features for a first-stage ranking: the matcher's
+  `global_features(features)` where it defines one (KPM: the average-pooled final map), else the
+  mean over every axis between the first and the last (feature maps → average-pooled)."""
+  feats = _host(feats, "features")
+  matcher = getattr(model, "matcher", None)
+  if matcher is None or not hasattr(matcher, "global_features"):
+    return feats.reshape(len(feats), -1, feats.shape[-1]).astype(np.float32).mean(1)
+  fn = _global_fn(model)
+  return np.concatenate([np.asarray(fn(variables, feats[i:i + batch_size]), np.float32)
+                         for i in range(0, len(feats), batch_size)]) if len(feats) else (
+                             np.zeros((0, 0), np.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _global_fn(model):
+  return jax.jit(lambda variables, f: model.apply(
+      variables, f, method=lambda m, x: m.matcher.global_features(x)))
+
+
+def first_stage_scores(probe_vectors, gallery_vectors) -> np.ndarray:
+  """−‖p − g‖² [P, G] of global vectors (the Euclidean first stage of the KPM authors'
+  CascadeEvaluator)."""
+  p = np.asarray(probe_vectors, np.float64)
+  g = np.asarray(gallery_vectors, np.float64)
+  d2 = (p * p).sum(1)[:, None] + (g * g).sum(1)[None, :] - 2.0 * p @ g.T
+  return (-d2).astype(np.float32)
+
+
+def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: int, *,
+                  tile_p: int = 64, tile_g: int = 256, progress: bool = False) -> np.ndarray:
+  """Scores [P, G]: each probe's `k` best gallery entries under `first_stage` [P, G] (higher =
+  better) scored by `match_fn`, the other entries ranked after all of them in their
+  first-stage order (first-stage score shifted below the row's lowest re-scored value). With
+  k ≥ G every entry is re-scored: the full matrix.
+
+  Work is done in fixed-shape tiles of min(tile_p, P) probes × min(k, tile_g) of each probe's
+  own gallery entries (gathered on host, padded by repetition), one jitted, vmapped call per
+  tile on the default device; `match_fn` as for `score_matrix`.
+  """
+  probe, gallery = _host(probe, "probe"), _host(gallery, "gallery")
+  first = np.asarray(first_stage, np.float32)
+  num_p, num_g = len(probe), len(gallery)
+  if first.shape != (num_p, num_g):
+    raise ValueError(f"first_stage must be [P, G] = [{num_p}, {num_g}]; got {first.shape}.")
+  if k < 1 or tile_p < 1 or tile_g < 1:
+    raise ValueError(f"k, tile_p and tile_g must be >= 1; got {k}, {tile_p} and {tile_g}.")
+  k = min(k, num_g)
+  if num_p == 0 or num_g == 0:
+    return first.copy()
+  order = np.argsort(-first, axis=1, kind="stable")[:, :k]                      # [P, k]
+  tp, tk = min(tile_p, num_p), min(k, tile_g)
+  rescored = np.empty((num_p, k), np.float32)
+  with tqdm(total=num_p * k, unit="pair", unit_scale=True, desc="re-scoring top-k",
+            disable=not progress) as bar:
+    for p0 in range(0, num_p, tp):
+      rows = _tile(np.arange(num_p), p0, tp)
+      for k0 in range(0, k, tk):
+        cols = _tile(order[rows, k0:k0 + tk].T, 0, tk).T                         # [tp, tk]
+        tile = np.asarray(_rescore_tile(match_fn, variables, probe[rows], gallery[cols]))
+        n_p, n_k = min(tp, num_p - p0), min(tk, k - k0)
+        rescored[p0:p0 + n_p, k0:k0 + n_k] = tile[:n_p, :n_k]
+        bar.update(n_p * n_k)
+  out = np.empty_like(first)
+  if k < num_g:
+    rest = np.ones_like(first, bool)
+    np.put_along_axis(rest, order, False, axis=1)
+    high = np.where(rest, first, -np.inf).max(1, keepdims=True)
+    out[:] = first - high + rescored.min(1, keepdims=True) - 1.0
+  np.put_along_axis(out, order, rescored, axis=1)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _rescore_tile(match_fn, variables, probe, gallery):
+  """probe [tp, …], gallery [tp, tk, …] → [tp, tk]: each probe against its own gallery rows."""
+  one = lambda p, g: match_fn(variables, p[None], g)[0].astype(jnp.float32)
+  return jax.vmap(one)(probe, gallery)

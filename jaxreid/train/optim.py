@@ -55,6 +55,9 @@ def lr_schedule(train_cfg, steps_per_epoch):
         step < ends[-1], jnp.searchsorted(ends, step, side="right"),
         len(lengths) + (step - ends[-1]) // last) + offset
 
+  if train_cfg.get("lr_schedule", "step") == "cosine":
+    return _cosine_schedule(train_cfg, epoch_of)
+
   def schedule(step):
     epoch = epoch_of(step)
     decay = train_cfg.lr_step_factor ** jnp.sum(epoch >= milestones)
@@ -62,6 +65,33 @@ def lr_schedule(train_cfg, steps_per_epoch):
       return train_cfg.lr * decay
     alpha = jnp.minimum(epoch / warmup, 1.0)
     return train_cfg.lr * decay * (start * (1 - alpha) + alpha)
+
+  return schedule
+
+
+def _bias_leaves(params):
+  """True for the leaves whose name ends in "bias"."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: str(getattr(path[-1], "key", path[-1])).endswith("bias"), params)
+
+
+def _cosine_schedule(train_cfg, epoch_of):
+  """`train.lr_schedule = "cosine"` (PAT's official timm CosineLRScheduler, stepped per epoch):
+  at scheduler epoch e, init + e·(lr − init)/warmup_epochs while e < warmup_epochs, else
+  lr_min + ½(lr − lr_min)(1 + cos(π·e / cosine_epochs)); init = warmup_factor·lr, lr_min =
+  cosine_min_factor·lr (docs/methods/pat.md)."""
+  lr = train_cfg.lr
+  warmup = train_cfg.get("warmup_epochs", 0)
+  init = train_cfg.get("warmup_factor", 1.0) * lr
+  low = train_cfg.get("cosine_min_factor", 0.0) * lr
+  total = train_cfg.get("cosine_epochs", train_cfg.epochs)
+
+  def schedule(step):
+    e = jnp.asarray(epoch_of(step), jnp.float32)
+    cosine = low + 0.5 * (lr - low) * (1 + jnp.cos(jnp.pi * e / total))
+    if not warmup:
+      return cosine
+    return jnp.where(e < warmup, init + e * (lr - init) / warmup, cosine)
 
   return schedule
 
@@ -90,6 +120,11 @@ def make_optimizer(train_cfg, steps_per_epoch) -> optax.GradientTransformation:
       optax.add_decayed_weights(train_cfg.weight_decay),
       optax.multi_transform({"backbone": optimizer(train_cfg.backbone_lr_mult),
                              "new": optimizer(1.0)}, lr_labels)]
+  bias_mult = train_cfg.get("bias_lr_mult", 1.0)
+  if bias_mult != 1.0:
+    # PAT's BIAS_LR_FACTOR: the final update of every parameter named "*bias" scaled, i.e. its
+    # lr (and so its weight-decay step) ×bias_lr_mult (docs/methods/pat.md).
+    parts.append(optax.masked(optax.scale(bias_mult), _bias_leaves))
   if train_cfg.get("adaptive_step_factor", 0.0):
     # An lr scale in the optimiser state, set between epochs by the loss-driven schedule
     # (train/schedule.py) and checkpointed with the state; it scales the final update, so it

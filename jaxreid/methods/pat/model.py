@@ -1,0 +1,135 @@
+"""PAT's model (paper Sec. 3.1; docs/methods/pat.md): a ViT whose sequence is [cls, part_1, part_2,
+part_3, patches], every block under the part-aware attention mask, then BNNeck + a bias-free
+classifier on the class token.
+
+Part-aware mask (True = may attend), over N = 4 + h·w tokens:
+- the class token and the patches attend to each other and to themselves (all of them);
+- the class token attends to the parts and each part to the class token;
+- part p attends to itself and to the patches of its region, and those patches to it;
+- parts never attend to each other.
+Regions are horizontal bands of the h × w grid: rows [0, h/2], [h/4, h/4 + h/2], [h/2, h]
+(16 × 8: rows 0–8, 4–12, 8–15), all columns. In training each part's region is a random
+sub-rectangle of its band, drawn once per step for the whole batch (the official
+`generate_2d_mask`: two distinct row bounds t < b from the band's h/2 + 1 bounds, two distinct
+column bounds l < r from the w + 1 bounds, rows t…b and columns l…r inclusive, clipped to the
+grid); in evaluation the full band (deterministic), or random bands with `random_test_masks`.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreid.models import INPUT_NORMS, to_unit_range
+from jaxreid.nn.norms import cosine_similarity, l2_normalize
+
+NUM_PARTS = 3
+
+
+def bands(h: int, w: int) -> np.ndarray:
+  """The three bands as [3, 4] (top, bottom, left, right) bounds, inclusive before clipping:
+  top = 0, h/4, h/2 (integer parts), bottom = top + h/2, left = 0, right = w."""
+  half = int(h / 2)
+  return np.array([[top, top + half, 0, w] for top in (0, int(h / 4), int(h / 2))], np.int32)
+
+
+def random_rectangles(rng, h: int, w: int) -> jax.Array:
+  """[3, 4] random (top, bottom, left, right) per part: two distinct bounds, sorted, drawn
+  uniformly from each band's rows top…top + h/2 and columns 0…w."""
+  out = []
+  for p, (top, bottom, left, right) in enumerate(bands(h, w)):
+    kr, kc = jax.random.split(jax.random.fold_in(rng, p))
+    rows = jnp.sort(jax.random.choice(kr, jnp.arange(top, bottom + 1), (2,), replace=False))
+    cols = jnp.sort(jax.random.choice(kc, jnp.arange(left, right + 1), (2,), replace=False))
+    out.append(jnp.concatenate([rows, cols]))
+  return jnp.stack(out).astype(jnp.int32)
+
+
+def part_mask(rects, h: int, w: int) -> jax.Array:
+  """[N, N] bool part-aware attention mask (N = 4 + h·w) of the regions `rects` [3, 4]
+  (top, bottom, left, right), inclusive and clipped to the grid; see the module docstring."""
+  n = 1 + NUM_PARTS + h * w
+  rows = jnp.arange(h)[:, None]
+  cols = jnp.arange(w)[None, :]
+  shared = jnp.ones(n, bool).at[1:1 + NUM_PARTS].set(False)
+  mask = shared[:, None] & shared[None, :]
+  for p in range(NUM_PARTS):
+    t, b, l, r = rects[p, 0], rects[p, 1], rects[p, 2], rects[p, 3]
+    region = ((rows >= t) & (rows <= b) & (cols >= l) & (cols <= r)).reshape(-1)
+    vec = jnp.zeros(n, bool).at[1 + p].set(True).at[1 + NUM_PARTS:].set(region)
+    mask = mask | (vec[:, None] & vec[None, :])
+  mask = mask.at[1:1 + NUM_PARTS, 0].set(True).at[0, 1:1 + NUM_PARTS].set(True)
+  return mask
+
+
+class ClassToken(nn.Module):
+  """Tokens [B, N, D] → the class token [B, D]."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    return tokens[:, 0].astype(jnp.float32)
+
+
+class PATEncoder(nn.Module):
+  """Pixels → input normalisation → the ViT `backbone` (with part tokens) under the part-aware
+  mask → all tokens after the final LayerNorm [B, 4 + h·w, D]."""
+  backbone: nn.Module
+  input_norm: str = "half"
+  random_test_masks: bool = False
+  test_mask_seed: int = 0
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    mean, std = INPUT_NORMS[self.input_norm]
+    x = (to_unit_range(images) - jnp.asarray(mean)) / jnp.asarray(std)
+    vb = self.backbone
+    h = (x.shape[1] - vb.patch) // vb.stride + 1
+    w = (x.shape[2] - vb.patch) // vb.stride + 1
+    if train or self.random_test_masks:
+      rng = (self.make_rng("mask") if self.has_rng("mask")
+             else jax.random.key(self.test_mask_seed))
+      rects = random_rectangles(rng, h, w)
+    else:
+      rects = jnp.asarray(bands(h, w))
+    return vb.tokens(x.astype(vb.dtype), train, part_mask(rects, h, w))
+
+
+class PATHead(nn.Module):
+  """BNNeck `bottleneck` (BatchNorm1d, bias frozen at zero) on the class token and a bias-free
+  `classifier` (when num_classes > 0). Returns (class token, post-BN, logits or None)."""
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, cls, train: bool = False):
+    post = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        use_bias=False, name="bottleneck")(cls)
+    logits = None
+    if self.num_classes:
+      logits = nn.Dense(self.num_classes, use_bias=False, name="classifier",
+                        kernel_init=nn.initializers.normal(0.001))(post)
+    return cls, post, logits
+
+
+class PATModel(nn.Module):
+  """`encode` → the L2-normalised last-layer class token (after the final LayerNorm, before the
+  BNNeck: the official TEST.NECK_FEAT 'before' with FEAT_NORM); `match` → cosine [P, G];
+  `train_outputs` → (class token [B, D], part tokens [B, 3, D], logits)."""
+  encoder: nn.Module
+  head: nn.Module
+
+  def encode(self, images, train: bool = False):
+    tokens = self.encoder(images, train)
+    self.head(tokens[:, 0].astype(jnp.float32), train)   # keeps the head's variables in init
+    return l2_normalize(tokens[:, 0].astype(jnp.float32))
+
+  def train_outputs(self, images):
+    tokens = self.encoder(images, True).astype(jnp.float32)
+    cls, _, logits = self.head(tokens[:, 0], True)
+    return cls, tokens[:, 1:1 + NUM_PARTS], logits
+
+  def match(self, probe, gallery, train: bool = False):
+    return cosine_similarity(probe, gallery)
+
+  def __call__(self, images, train: bool = False):
+    return self.encode(images, train)
