@@ -27,7 +27,8 @@ import numpy as np
 from harness import peak_rss_mb, run_impl, timed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-IMPLS = {"jax": "transmatcher_jax_tiled_jit", "torch": "transmatcher_torch_cpu",
+IMPLS = {"jax": "transmatcher_jax_tiled_jit", "jax_bf16": "transmatcher_jax_tiled_jit_bf16",
+         "torch": "transmatcher_torch_cpu",
          "qaconv": "qaconv_jax_tiled_jit", "official": "transmatcher_official_evaluator_cpu"}
 
 
@@ -68,12 +69,14 @@ def make_maps(args):
           rng.standard_normal((args.gallery, *shape), dtype=np.float32))
 
 
-def transmatcher_variables(args):
-  """(module, variables): xavier init, then BN affines and running stats set to non-defaults."""
+def transmatcher_variables(args, dtype="float32"):
+  """(module, variables): xavier init, then BN affines and running stats set to non-defaults.
+  `dtype`: of the S×S products (bfloat16 = what the paper settings' train.bf16 gives)."""
   import jax
   sys.path.insert(0, str(REPO))
   from jaxreid.methods.transmatcher.model import TransMatcher
-  module = TransMatcher(args.height, args.width, num_layers=args.layers, ffn=args.ffn)
+  module = TransMatcher(args.height, args.width, num_layers=args.layers, ffn=args.ffn,
+                        dtype=dtype)
   dummy = np.zeros((1, args.layers, args.height, args.width, args.dim), np.float32)
   variables = jax.device_get(module.init(jax.random.key(args.seed), dummy, dummy))
   rng = np.random.default_rng(args.seed + 1)
@@ -173,8 +176,9 @@ def run_child(args):
     import jax
     sys.path.insert(0, str(REPO))
     from jaxreid.eval.scoring import score_matrix
-    if args.impl == "jax":
-      module, variables = transmatcher_variables(args)
+    if args.impl in ("jax", "jax_bf16"):
+      module, variables = transmatcher_variables(
+          args, "bfloat16" if args.impl == "jax_bf16" else "float32")
     else:  # QAConv on the last layer's maps, L2-normalised as QAConv expects
       from jaxreid.methods.qaconv.model import QAConv
       module = QAConv(args.height, args.width)
@@ -204,7 +208,7 @@ def main(argv=None):
     return run_child(args)
   argv = list(argv if argv is not None else sys.argv[1:])
   results, outputs = {}, {}
-  impls = ("jax", "torch", "qaconv") + (("official",) if args.official else ())
+  impls = ("jax", "jax_bf16", "torch", "qaconv") + (("official",) if args.official else ())
   with tempfile.TemporaryDirectory() as tmp:
     for impl in impls:
       results[impl], outputs[impl] = run_impl(__file__, argv, impl, tmp)
@@ -214,6 +218,9 @@ def main(argv=None):
   if args.official and outputs["official"] is not None:
     off = np.abs(outputs["jax"] - outputs["official"])
     official = {"speedup_jax_over_official": round(rate("jax") / rate("official"), 2),
+                "speedup_jax_bf16_over_official": round(rate("jax_bf16") / rate("official"), 2),
+                "max_abs_diff_bf16_official": float(np.abs(outputs["jax_bf16"]
+                                                           - outputs["official"]).max()),
                 "max_abs_diff_official": float(off.max())}
   print(json.dumps({
       "summary": "transmatcher_scoring", **official,
