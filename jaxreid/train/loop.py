@@ -8,6 +8,7 @@ image model trained by one of its method's objectives; NFormer's stage 2 builds 
 """
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -76,7 +77,8 @@ def make_train_step(model, tx, objective: Objective, train_cfg):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     memory = objective.update_memory(state.memory, aux, batch, train_cfg)
-    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params)}   # of the new parameters: saved next
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, memory=memory)
     return new_state, metrics
@@ -189,6 +191,7 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
              start_epoch + 1, start_batch)
   step_fn = parallel.jit_train_step(task.step, task.mesh)
   results = {}
+  first_losses = []   # the first logged loss, the reference of the explosion warning
 
   def data_state_of(epoch, batch, plan):
     out = {"epoch": epoch, "batch": batch, "plan": plan, "loss_sum": float(loss_sum),
@@ -212,8 +215,11 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
         state, metrics = step_fn(state, parallel.shard_batch(batch, task.mesh))
         loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
         step = int(state.step)
-        if step % task.log_every_steps == 0 or b == len(plan) - 1:
+        save_now = step % task.checkpoint_every_steps == 0
+        stop_now = task.stop_at_step is not None and step >= task.stop_at_step
+        if step % task.log_every_steps == 0 or b == len(plan) - 1 or save_now or stop_now:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          check_divergence(m, step, prefix, log, first_losses)
           bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.3f}")
           for k, v in m.items():
             writer.add_scalar(f"{tag}train/{k}", v, step)
@@ -221,8 +227,6 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
                             step)
           log.info("%sstep %d/%d epoch %d: %s", prefix, step, total, epoch + 1,
                    " ".join(f"{k}={v:.4f}" for k, v in m.items()))
-        save_now = step % task.checkpoint_every_steps == 0
-        stop_now = task.stop_at_step is not None and step >= task.stop_at_step
         if save_now or stop_now:
           data_state = data_state_of(epoch, b + 1, plan)
           ckpt.save(state, data_state, task.config, force=stop_now)
@@ -230,6 +234,7 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
           log.info("%sstopped at step %d (stop_at_step); rerun to resume", prefix, step)
           return None, state
       bar.close()
+      check_divergence({"loss": float(loss_sum)}, int(state.step), prefix, log, first_losses)
       last_epoch = task.epochs
       if loss_count:
         mean_loss = float(loss_sum) / loss_count
@@ -254,6 +259,35 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
     ckpt.wait()
     ckpt.close()
   return results, state
+
+
+class TrainingDiverged(ValueError):
+  """A non-finite loss or gradient: training stops before anything is saved from it."""
+
+
+EXPLOSION_FACTOR = 1e4   # a loss this many times the first logged one is warned about (once)
+
+
+def check_divergence(metrics: dict, step: int, prefix: str, log, first_losses: list) -> None:
+  """Raises TrainingDiverged for a non-finite loss, gradient norm or norm of the updated
+  parameters (called before the step's checkpoint, so the last checkpoint stays the last good
+  one); warns once when the loss grows past EXPLOSION_FACTOR × the first logged loss."""
+  for name in ("loss", "grad_norm", "param_norm"):
+    value = metrics.get(name)
+    if value is not None and not np.isfinite(value):
+      raise TrainingDiverged(f"{prefix}training diverged at step {step}: {name} {value}; the last "
+                             "checkpoint before it is kept; lower train.lr or set "
+                             "train.clip_norm")
+  loss = metrics["loss"]
+  if not first_losses:
+    first_losses.append(abs(loss))
+  elif first_losses[0] > 0 and abs(loss) > EXPLOSION_FACTOR * first_losses[0] and len(
+      first_losses) == 1:
+    first_losses.append(abs(loss))
+    message = (f"{prefix}loss {loss:.4g} at step {step} is over {EXPLOSION_FACTOR:g}x the first "
+               f"logged loss {first_losses[0]:.4g}; training may be diverging")
+    log.warning(message)
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
@@ -320,9 +354,25 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
     writer.close()
   if results is None:
     return {}
+  if not results:   # every epoch was already done: this is a rerun of a finished run
+    previous = read_results(workdir)
+    if previous is not None:
+      log.info("the run had finished; its results.json is kept")
+      return previous
+    results = evaluate(state)   # finished, but killed before its results were written
   results["step"] = int(state.step)
   write_results(workdir, results)
   return results
+
+
+def read_results(workdir: Path) -> dict | None:
+  """The run's results.json when it holds evaluation results, else None."""
+  path = Path(workdir) / "results.json"
+  try:
+    results = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  return results if isinstance(results, dict) and results.get("test") else None
 
 
 def file_logger(workdir: Path) -> logging.Logger:
