@@ -137,13 +137,13 @@ class EmbeddingHead(nn.Module):
   reid-strong-baseline), bias-free `classifier` over the training ids when `num_classes` > 0.
 
   Returns (pre-BN vector, post-BN vector, logits or None)."""
-  pooling: nn.Module
+  pooling: nn.Module | None    # None: the input is already one vector per image
   dim: int = 256
   num_classes: int = 0
 
   @nn.compact
   def __call__(self, maps, train: bool = False):
-    x = self.pooling(maps).astype(jnp.float32)
+    x = (maps if self.pooling is None else self.pooling(maps)).astype(jnp.float32)
     if self.dim:
       x = nn.Dense(self.dim, name="projection")(x)
     post = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,

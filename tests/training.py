@@ -18,13 +18,20 @@ def tiny(config, data_dir, width=8, batch_size=16, **train):
   return config
 
 
-def assert_learns_cross_domain(config, tmp_path) -> dict:
-  """Trains on domain_a, tests on domain_b: mAP at least twice the untrained model's."""
+def untrained_and_trained(config, tmp_path) -> tuple[dict, dict, dict]:
+  """(metrics of the untrained model, of the trained one, the training's results) on the one
+  test set of `config`."""
   model = registry.build_model(config)
   variables = init_variables(model, jax.random.key(config.seed), 64, 32)
   untrained = evaluate_matcher(config, model, variables, parallel.make_mesh())
   trained = registry.method_of(config).train_and_evaluate(config, tmp_path)
   (u,), (t,) = untrained["test"].values(), trained["test"].values()
   print(json.dumps({"untrained": u, "trained": t}))
+  return u, t, trained
+
+
+def assert_learns_cross_domain(config, tmp_path) -> dict:
+  """Trains on domain_a, tests on domain_b: mAP at least twice the untrained model's."""
+  u, t, trained = untrained_and_trained(config, tmp_path)
   assert t["mAP"] >= 2 * u["mAP"], (u, t)
   return trained

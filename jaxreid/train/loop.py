@@ -121,22 +121,6 @@ def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
   return out
 
 
-def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
-  """A copy of `tree` with tree[path] replaced by `new` (shapes must agree)."""
-  old = tree
-  for key in path:
-    old = old[key]
-  if jax.tree.structure(old) != jax.tree.structure(new):
-    raise ValueError(f"model.pretrained does not fit {'/'.join(path)}: parameter names differ.")
-  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
-    if a.shape != b.shape:
-      raise ValueError(f"model.pretrained does not fit {'/'.join(path)}: shape {b.shape} where "
-                       f"the model has {a.shape}.")
-  out = dict(tree)
-  out[path[0]] = _replace_subtree(tree[path[0]], path[1:], new) if len(path) > 1 else new
-  return out
-
-
 def make_sampler(config, train_split):
   d = config.data
   cls = {"gs": samplers.GraphSampler, "pk": samplers.PKSampler,

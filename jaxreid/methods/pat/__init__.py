@@ -22,7 +22,7 @@ def build(config) -> model.PATModel:
   vit = backbones.get(m).build(m, models.compute_dtype(config))
   encoder = model.PATEncoder(vit, m.get("input_norm", "half"),
                              bool(m.get("random_test_masks", False)))
-  return model.PATModel(encoder=encoder, head=model.PATHead(int(m.get("num_classes", 0))))
+  return model.PATModel(encoder=encoder, head=models.EmbeddingHead(None, 0, int(m.get("num_classes", 0))))
 
 
 METHOD = Method(name="pat", kind="embedding", build=build, objectives={"pat": objective.PAT},

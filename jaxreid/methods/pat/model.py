@@ -95,22 +95,6 @@ class PATEncoder(nn.Module):
     return vb.tokens(x.astype(vb.dtype), train, part_mask(rects, h, w))
 
 
-class PATHead(nn.Module):
-  """BNNeck `bottleneck` (BatchNorm1d, bias frozen at zero) on the class token and a bias-free
-  `classifier` (when num_classes > 0). Returns (class token, post-BN, logits or None)."""
-  num_classes: int = 0
-
-  @nn.compact
-  def __call__(self, cls, train: bool = False):
-    post = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        use_bias=False, name="bottleneck")(cls)
-    logits = None
-    if self.num_classes:
-      logits = nn.Dense(self.num_classes, use_bias=False, name="classifier",
-                        kernel_init=nn.initializers.normal(0.001))(post)
-    return cls, post, logits
-
-
 class PATModel(nn.Module):
   """`encode` → the L2-normalised last-layer class token (after the final LayerNorm, before the
   BNNeck: the official TEST.NECK_FEAT 'before' with FEAT_NORM); `match` → cosine [P, G];
