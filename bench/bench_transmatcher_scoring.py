@@ -91,11 +91,11 @@ def transmatcher_variables(args, dtype="float32"):
   return module, jax.tree_util.tree_map_with_path(perturb, variables)
 
 
-def torch_scores(probe, gallery, variables, args):
+def torch_scores(probe, gallery, variables, args, device="cpu"):
   """The TransMatcher decoder (docs/methods/transmatcher.md) in plain PyTorch ops: fc1 once per map, gallery chunks."""
   import torch
   torch.set_grad_enabled(False)
-  t = lambda x: torch.from_numpy(np.asarray(x, np.float32))
+  t = lambda x: torch.from_numpy(np.array(x, np.float32)).to(device)   # a writable copy
   params, stats = variables["params"], variables["batch_stats"]
   n, hw, d = args.layers, args.height * args.width, args.dim
 
@@ -111,7 +111,7 @@ def torch_scores(probe, gallery, variables, args):
 
   q, k = project(probe), project(gallery)
   prior = torch.sigmoid(t(params["prior"]))                      # [N, S_probe, S_gallery]
-  out = torch.empty(len(probe), len(gallery))
+  out = torch.empty(len(probe), len(gallery), device=device)
   for g0 in range(0, len(gallery), args.torch_chunk):
     kc = k[g0:g0 + args.torch_chunk]
     total = 0.0
@@ -125,7 +125,7 @@ def torch_scores(probe, gallery, variables, args):
       x = (x @ t(params[layer]["fc3"]["kernel"]) + t(params[layer]["fc3"]["bias"]))[..., 0]
       total = total + bn(x.sum(-1), "bn3", layer)
     out[:, g0:g0 + args.torch_chunk] = bn(total, "norm")
-  return out.numpy()
+  return out.float().cpu().numpy()
 
 
 def official_scores(probe, gallery, variables, args):

@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 32
   c.data.num_instances = 4
   c.data.num_threads = 2
+  c.data.gs_pre_epochs = 0              # graph sampler: first epochs with a random PK index (v2.0)
+  c.data.gs_rerank = False              # graph sampler: re-ranked class distance (v2.0)
   # Colour jitter is off on synthetic_reid, where clothing colour is most of the identity cue
   # (3 epochs: mAP 5.8 without vs 3.0 with); the paper settings turn it on.
   c.data.augment = ml_collections.ConfigDict(dict(
@@ -84,6 +86,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.tlift_k = 10
   c.eval.tlift_alpha = 0.2
   c.eval.retrieval_top_k = 100          # gallery entries per query in workdir/retrieval.npz; 0 = off
+  # Streaming evaluation (docs/evaluation.md): the gallery is encoded and scored in chunks of
+  # gallery_chunk images (0: 16 eval batches) against the query features, which stay on the
+  # devices up to probes_on_device_mb; stream = False extracts the whole gallery first.
+  c.eval.stream = True
+  c.eval.gallery_chunk = 0
+  c.eval.probes_on_device_mb = 16384
+  c.eval.rerank_in_memory_mb = 2048     # a larger gallery-gallery matrix goes to disk in blocks
   c.eval.paper = ml_collections.ConfigDict()  # the paper's numbers for this setting, if any
   return c
 

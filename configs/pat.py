@@ -42,7 +42,8 @@ def pat_fields(c):
   m.freeze_patch_embed = True         # the official FREEZE_PATCH_EMBED
   m.input_height = c.data.get_ref("height")   # the position embedding's grid follows the data
   m.input_width = c.data.get_ref("width")
-  m.random_test_masks = False         # True: random part regions at test time (official code)
+  m.random_test_masks = False         # True: random part regions per test batch (official code)
+  m.test_mask_seed = 0                # their key (with each batch's pixels)
   m.num_classes = 0                   # = the number of training ids
   c.data.sampler = "pk"
   c.data.augment.update(rotate_deg=0.0, occlusion=False, random_erasing=0.0)
@@ -52,6 +53,7 @@ def pat_fields(c):
   t.label_smoothing = 0.1
   t.triplet_weight = 1.0              # soft-margin batch-hard triplet on the class token
   t.pat = dict(
+      prefill=True,                   # official: fill the bank with the initial model first
       csl_weight=1.0,                 # official PC_LR
       k=10,                           # positives per part feature (CLUSTER_K)
       memory_momentum=0.1,
@@ -90,14 +92,16 @@ def get_config(setting: str = "synthetic"):
 def paper_settings(c, train, paper):
   """The official recipe (config/PAT.yml): ViT-B/16 (ImageNet weights through model.pretrained,
   e.g. jx_vit_base_p16_224-80ecf9dd.pth), stride 16, 256×128, mean = std = 0.5, flip + pad 10 /
-  crop, no random erasing; PK 16 × 4; SGD lr 1e-3 (4e-4 for MSMT17), momentum 0.9, wd 1e-4; 60
-  epochs; the schedule stepped at each epoch start (scheduler epoch e = 1…60): linear warmup from
-  0.01·lr over 5, then cosine towards 0.002·lr over 120 (stopped at 60); biases at ×2 lr
-  (docs/methods/pat.md)."""
+  crop, no random erasing; PK 16 × 4 from the RandomIdentitySampler (every image once per
+  epoch, also in the pass that pre-fills the part memory bank); SGD lr 1e-3 (4e-4 for MSMT17),
+  momentum 0.9, wd 1e-4; 60 epochs; the schedule stepped at each epoch start (scheduler epoch
+  e = 1…60): linear warmup from 0.01·lr over 5, then cosine towards 0.002·lr over 120 (stopped
+  at 60); biases at ×2 lr (docs/methods/pat.md)."""
   c.dataset.train = train
   c.dataset.test = ",".join(paper)
   c.data.height, c.data.width = 256, 128
   c.data.batch_size, c.data.num_instances = 64, 4
+  c.data.sampler = "identity"         # the official RandomIdentitySampler (DATALOADER.NAIVE_WAY)
   c.data.augment.update(pad=10, color_jitter=False)
   c.model.update(variant_fields("vit_base"))
   c.model.update(patch_size=16, stride_size=16)

@@ -13,10 +13,12 @@ minutes on a 2-core CPU; pairwise BCE, K = 4, a fixed 12/10 schedule. `configs/q
   epoch 2's mean loss; lr ×0.1 after the first epoch e whose mean loss < 0.7 × base, then stop
   after min(60, e + e // 2)); bfloat16.
 - `:market_v20`, `:msmt17_all_v20`: QAConv-GS v2.0 (official main_gs.py at tag v2.0): as above but
-  head v1, BN trained, neck 64, pairwise BCE with K = 4, lr 0.001 (backbone ×0.1), clipping at
-  512, 15 epochs with a ×0.1 step at 10, float32. Departures (docs/methods/qaconv.md): v2.0's neck
-  is a bias-free conv followed by BatchNorm2d, its first epoch uses a random PK sampler, and its
-  graph distances are k-reciprocal re-ranked; ours has none of the three.
+  head v1, BN trained, neck 64 (a bias-free 3×3 conv followed by BatchNorm2d), pairwise BCE with
+  K = 4, lr 0.001 (backbone ×0.1), clipping at 512, 15 epochs with a ×0.1 step at 10, float32;
+  the first epoch with the random PK index (data.gs_pre_epochs = 1), then the graph sampler on
+  v2.0's distance 1 − sigmoid(score / 10), k-reciprocal re-ranked (data.gs_rerank). What remains
+  different (docs/methods/qaconv.md): the pre-epoch drops its last partial batch, and ties in
+  the re-ranking rank in index order.
 """
 from configs.common import base_config, pairwise_training, paper_recipe
 from configs.qaconv import qaconv_fields
@@ -38,7 +40,8 @@ SETTINGS = {"market": ("market1501", "v2.1"), "msmt17_all": ("msmt17/all", "v2.1
 def paper_settings(c, train, version="v2.1"):
   if version == "v2.0":
     c = paper_recipe(c, train, PAPER_V20[train])
-    c.model.update(neck=64, head="v1", freeze_bn=False)
+    c.model.update(neck=64, neck_bn=True, head="v1", freeze_bn=False)
+    c.data.update(gs_pre_epochs=1, gs_rerank=True)
     c.train.update(lr=0.001, clip_norm=512.0, bf16=False)
     return c
   c = paper_recipe(c, train, PAPER[train])

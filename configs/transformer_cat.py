@@ -29,6 +29,10 @@ def pair_transformer_config(name: str, setting: str):
   c.model.pos_embed = name == "transformer_cat"
   if name == "transformer_cross":
     c.model.readout = "mean"        # pair vector: "mean" | "max" over probe tokens, or "cls"
+  # Encoder layers: "torch" starts them as PyTorch's nn.TransformerEncoder does (its init, every
+  # layer a copy of one), as for TransMatcher's paper settings; the synthetic default keeps the
+  # per-layer xavier init it was tuned with.
+  c.model.encoder_init = "torch" if setting == "table2" else "xavier"
   return c
 
 

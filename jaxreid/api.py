@@ -45,8 +45,8 @@ def _import_configs_package() -> None:
   spec.loader.exec_module(module)
 
 
-def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` (or `get_config()`) of an ml_collections config file."""
+def load_config_module(path):
+  """The module of an ml_collections config file (it defines `get_config`)."""
   path = Path(os.path.expanduser(str(path)))
   if not path.is_file():
     raise FileNotFoundError(f"Config file {path} does not exist.")
@@ -56,6 +56,12 @@ def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ValueError(f"Config file {path} has no get_config() function.")
+  return module
+
+
+def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` (or `get_config()`) of an ml_collections config file."""
+  module = load_config_module(path)
   return module.get_config() if arg is None else module.get_config(arg)
 
 
@@ -102,13 +108,16 @@ def _load_official(path: Path, config, input_size):
   return _apply(config, overrides["model"], **overrides["data"]), variables
 
 
-def _load_ours(path: Path, config, from_method_name: bool):
+def _load_ours(path: Path, config, from_method_name: bool, requested: str):
   """(config, variables) from a jaxreid (Orbax) checkpoint directory."""
   from jaxreid import checkpoint  # Orbax is imported only when needed
   saved, variables = checkpoint.restore_for_eval(str(path))
   if saved.model.name != config.model.name:
-    raise ValueError(f"{path} is a checkpoint of method '{saved.model.name}', but "
-                     f"'{config.model.name}' was requested; pass '{saved.model.name}' instead.")
+    held = saved.get("method") or saved.model.name
+    asked = (f"'{requested}' (model {config.model.name})" if requested != config.model.name
+             else f"'{requested}'")
+    raise ValueError(f"{path} holds a {held} run, but {asked} was asked for; load it with "
+                     f"jaxreid.load('{held}', …) or --config {held}.")
   if from_method_name:
     return saved, variables
   return _apply(config, saved.model.to_dict(), saved.data.height, saved.data.width), variables
@@ -133,7 +142,9 @@ def load(method_or_config, checkpoint, *, input_size=None, batch_size: int | Non
     raise FileNotFoundError(f"Checkpoint {path} does not exist.")
   if path.is_dir():
     is_name = isinstance(method_or_config, str) and method_or_config in method_names()
-    config, variables = _load_ours(path, config, is_name)
+    requested = (method_or_config if isinstance(method_or_config, str)
+                 else config.model.name)
+    config, variables = _load_ours(path, config, is_name, requested)
   else:
     config, variables = _load_official(path, config, tuple(
         input_size or registry.get(config.model.name).input_size or DEFAULT_INPUT_SIZE))

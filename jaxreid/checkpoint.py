@@ -4,7 +4,11 @@ Each checkpoint holds four items: `variables` (params, batch_stats), `train` (op
 class memory, RNG, step), `data` (epoch, next batch, the epoch's batch plan) and `config`.
 Evaluation restores `variables` and `config` only.
 """
+import contextlib
 import os
+import re
+import shutil
+import warnings
 from pathlib import Path
 
 import jax
@@ -12,7 +16,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-LAST, BEST = "checkpoints", "best"
+LAST, BEST, CORRUPT = "checkpoints", "best", "corrupt_checkpoints"
+
+
+class IncompatibleCheckpoint(ValueError):
+  """A checkpoint of another model (its parameters have other names or shapes)."""
 
 
 class Checkpointer:
@@ -21,7 +29,11 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 2):
     workdir = Path(workdir).absolute()
     self.last = ocp.CheckpointManager(
-        workdir / LAST, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        workdir / LAST, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers={"variables": ocp.StandardCheckpointHandler(),
+                       "train": ocp.StandardCheckpointHandler(),
+                       "data": ocp.StandardCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
     self.best = ocp.CheckpointManager(
         workdir / BEST, options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m["mAP"], best_mode="max"))
@@ -30,39 +42,84 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     if step in self.last.all_steps():
       return
-    self.last.save(step, args=_save_args(state, data_state, config), force=force)
+    with _writing(self.last.directory):
+      self.last.save(step, args=_save_args(state, data_state, config), force=force)
 
   def save_best(self, state, config, metrics: dict) -> None:
     step = int(jax.device_get(state.step))
     if step in self.best.all_steps():
       return
-    self.best.save(step, metrics={"mAP": float(metrics["mAP"])}, args=ocp.args.Composite(
-        variables=ocp.args.StandardSave(_variables(state)),
-        config=ocp.args.JsonSave(config.to_dict())))
+    with _writing(self.best.directory):
+      self.best.save(step, metrics={"mAP": float(metrics["mAP"])}, args=ocp.args.Composite(
+          variables=ocp.args.StandardSave(_variables(state)),
+          config=ocp.args.JsonSave(config.to_dict())))
 
   def restore_latest(self, state):
-    """(state, data_state) from the latest checkpoint, restored onto `state`'s shardings, or
-    None when there is none."""
-    step = self.last.latest_step()
-    if step is None:
-      return None
+    """(state, data_state) from the latest readable checkpoint, restored onto `state`'s
+    shardings, or None when there is none. A checkpoint that cannot be read (a truncated file)
+    is moved to `corrupt_checkpoints/` with a warning and the one before it is restored."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    out = self.last.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(_variables(abstract)),
-        train=ocp.args.StandardRestore(_train_part(abstract)),
-        data=ocp.args.StandardRestore()))
-    restored = state.replace(params=out.variables["params"],
-                             batch_stats=out.variables["batch_stats"], **out.train)
-    data = {k: np.asarray(v) for k, v in out.data.items()}
-    return restored, data
+    for step in sorted(self.last.all_steps(), reverse=True):
+      try:
+        _check_shapes(self.last.item_metadata(step)["variables"], _variables(abstract),
+                      self.last.directory / str(step))
+        out = self.last.restore(step, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(_variables(abstract)),
+            train=ocp.args.StandardRestore(_train_part(abstract)),
+            data=ocp.args.StandardRestore()))
+      except IncompatibleCheckpoint:
+        raise
+      except Exception as e:  # noqa: BLE001 - any read error: fall back to the previous one
+        self._set_aside(step, e)
+        continue
+      restored = state.replace(params=out.variables["params"],
+                               batch_stats=out.variables["batch_stats"], **out.train)
+      data = {k: np.asarray(v) for k, v in out.data.items()}
+      return restored, data
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    source = self.last.directory / str(step)
+    target = self.last.directory.parent / CORRUPT / str(step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+      target = target.with_name(f"{step}-{len(list(target.parent.iterdir()))}")
+    warnings.warn(f"checkpoint {source} cannot be read ({_first_line(error)}); moved to "
+                  f"{target}, resuming from the checkpoint before it.", stacklevel=3)
+    if jax.process_index() == 0:
+      shutil.move(str(source), str(target))
+    self.last.reload()
 
   def wait(self) -> None:
-    self.last.wait_until_finished()
-    self.best.wait_until_finished()
+    """Blocks until the asynchronous writes are done; CheckpointWriteError if one failed."""
+    for manager in (self.last, self.best):
+      with _writing(manager.directory):
+        manager.wait_until_finished()
 
   def close(self) -> None:
-    self.last.close()
-    self.best.close()
+    for manager in (self.last, self.best):
+      with _writing(manager.directory):
+        manager.close()
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (full disk, permissions); earlier ones are intact."""
+
+
+@contextlib.contextmanager
+def _writing(directory):
+  """Turns a failed (possibly asynchronous) checkpoint write into one sentence."""
+  try:
+    yield
+  except CheckpointWriteError:
+    raise
+  except Exception as e:  # noqa: BLE001 - TensorStore/Orbax raise ValueError, OSError, …
+    found = re.search(r":\s*([^:\[\]\"]+?)\s*\[os_error_code", str(e))
+    reason = found.group(1) if found else _first_line(e)
+    raise CheckpointWriteError(
+        f"could not write a checkpoint under {directory} ({reason}); the checkpoints saved "
+        "before it are intact: free disk space or fix the folder's permissions, then rerun to "
+        "resume.") from None
 
 
 def _variables(state) -> dict:
@@ -80,6 +137,11 @@ def _save_args(state, data_state, config):
       train=ocp.args.StandardSave(_train_part(state)),
       data=ocp.args.StandardSave({k: np.asarray(v) for k, v in data_state.items()}),
       config=ocp.args.JsonSave(config.to_dict()))
+
+
+def has_checkpoint(workdir) -> bool:
+  """Whether `workdir` holds a checkpoint a run resumes from."""
+  return bool(_steps(Path(workdir) / LAST))
 
 
 def find_checkpoint(path: str) -> tuple[Path, int]:
@@ -124,11 +186,17 @@ def restore_for_eval(path: str):
   manager = ocp.CheckpointManager(directory, item_handlers={
       "variables": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                        manager.item_metadata(step)["variables"])
-  out = manager.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
-  manager.close()
+  try:
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          manager.item_metadata(step)["variables"])
+    out = manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
+  except Exception as e:  # noqa: BLE001 - a truncated or damaged file
+    raise ValueError(f"checkpoint {directory / str(step)} cannot be read ({_first_line(e)}); it "
+                     "is damaged: evaluate another checkpoint of the run (its checkpoints/ "
+                     "folder) or train again.") from None
+  finally:
+    manager.close()
   config = ml_collections.ConfigDict(_tuples(out.config))
   return config, jax.tree.map(np.asarray, out.variables)
 
@@ -140,3 +208,26 @@ def _tuples(tree):
   if isinstance(tree, list):
     return tuple(_tuples(v) for v in tree)
   return tree
+
+
+def _check_shapes(saved, expected, where) -> None:
+  """Raises IncompatibleCheckpoint when the saved variables' names or shapes differ."""
+  saved = getattr(saved, "tree", saved)
+  saved_flat = {jax.tree_util.keystr(k): tuple(v.shape)
+                for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+  expected_flat = {jax.tree_util.keystr(k): tuple(v.shape)
+                   for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  if saved_flat == expected_flat:
+    return
+  differing = sorted(set(saved_flat) ^ set(expected_flat)) or sorted(
+      k for k in saved_flat if saved_flat[k] != expected_flat[k])
+  key = differing[0]
+  raise IncompatibleCheckpoint(
+      f"checkpoint {where} holds another model than this config builds (first difference: "
+      f"{key} {saved_flat.get(key, 'missing')} saved, {expected_flat.get(key, 'missing')} "
+      "here); use another --workdir.")
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0] if text else type(error).__name__)[:200]

@@ -1,10 +1,16 @@
 """jaxreid command line (`python main.py …` or the installed `jaxreid …`): train, evaluate,
-visualize or build datasets from an ml_collections config.
+visualize, build datasets, extract features, rank image folders, export for serving or describe
+a config, from an ml_collections config. This module parses the flags and dispatches; what the
+non-training modes do is in jaxreid.tools (describe: jaxreid.config_help), usable from Python.
 
   python main.py --config configs/qaconv_gs.py                  # train on synthetic_reid, evaluate
   python main.py --config configs/qaconv_gs.py --mode=eval      # evaluate the workdir's best checkpoint
   python main.py --config configs/qaconv_gs.py:market --config.dataset.data_dir=/data/tfds
-  python main.py --config configs/qaconv_gs.py --mode=visualize  # draw query → top-1 matches
+  python main.py --config configs/qaconv_gs.py --mode=visualize  # local matches, rank lists
+  python main.py --config qaconv_gs --mode=extract --images DIR   # features of your images → .npz
+  python main.py --config qaconv_gs --mode=rank --query DIR --gallery DIR  # rank lists, CSV, JSON
+  python main.py --config qaconv_gs --mode=export                 # StableHLO encode/match to serve
+  python main.py --config transmatcher --mode=describe            # fields, comments and settings
 """
 import json
 import os
@@ -13,22 +19,40 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxreid import config_help, tools
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':setting'.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, TensorBoard and results "
                     "(default: workdirs/<config name>).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "build", "visualize"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "build", "visualize", "extract", "rank",
+                                    "export", "describe"],
                   "train (resumes and then evaluates), eval (restores parameters only), "
-                  "build (prepares the configured datasets), or visualize (draws the local "
-                  "matches of a few queries with their top-ranked gallery image).")
-flags.DEFINE_string("checkpoint", None, "For --mode=eval|visualize: a workdir, checkpoint "
-                    "directory or "
-                    "official .pth/.safetensors file (default: --workdir).")
+                  "build (prepares the configured datasets), visualize (draws the local "
+                  "matches of a few queries with their top-ranked gallery image, and their rank "
+                  "lists), extract (features of --images), rank (ranks --gallery for --query), "
+                  "export (encode and match as StableHLO for serving) or describe (prints the "
+                  "config with its comments and settings).")
+flags.DEFINE_string("checkpoint", None, "For --mode=eval|visualize|extract|rank|export: a "
+                    "workdir, checkpoint directory or official .pth/.safetensors file (default: "
+                    "--workdir).")
 flags.DEFINE_integer("num_pairs", 4, "For --mode=visualize: queries drawn (evenly spaced over "
                      "the first test set's query split), each with its top-ranked gallery image.")
 flags.DEFINE_integer("num_matches", 24, "For --mode=visualize: strongest matches drawn per pair "
                      "and layer (0 = all).")
+flags.DEFINE_integer("top_k", 10, "For --mode=visualize|rank: gallery images per rank list.")
+flags.DEFINE_bool("rerank", True, "For --mode=visualize: also draw the k-reciprocal re-ranked "
+                  "lists (eval.rerank_k1/k2/lambda; scores the gallery against itself).")
+flags.DEFINE_string("images", None, "For --mode=extract: a folder of images (searched "
+                    "recursively) or a text file listing image paths, one a line.")
+flags.DEFINE_string("query", None, "For --mode=rank: the query images (a folder or a list "
+                    "file, as --images).")
+flags.DEFINE_string("gallery", None, "For --mode=rank: the gallery images (a folder or a list "
+                    "file, as --images).")
+flags.DEFINE_string("output", None, "For --mode=extract: the .npz to write (default "
+                    "workdir/features.npz); for --mode=rank|export: the folder to write "
+                    "(default workdir/rank, workdir/export).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 flags.DEFINE_string("compilation_cache", "~/.cache/jaxreid/xla", "Persistent XLA cache "
                     "directory ('' to disable).")
@@ -126,119 +150,21 @@ def build_datasets(config) -> None:
     print(f"{builder.info.full_name}: {sizes} images in {builder.data_path}")
 
 
-def _display_image(split, index: int, size: tuple[int, int], min_height: int = 256):
-  """Row `index` of `split` resized (bicubic) to the model's input aspect, upscaled by an integer
-  factor to at least `min_height` pixels so the drawn lines are legible."""
-  import numpy as np
-  from PIL import Image
-  from jaxreid.data import pipeline
-  h, w = size
-  factor = max(1, -(-min_height // h))
-  image = Image.fromarray(pipeline.load_image(split, index))
-  return np.asarray(image.resize((w * factor, h * factor), Image.BICUBIC))
-
-
-def _drawn_rows(corr: dict):
-  """(name, locations, similarities) of every matching layer of one pair's correspondences, then
-  of each finer scale a pyramid matcher adds as `scale{s}_*` (KPM: s = 2, 3, …)."""
-  for layer in range(corr["probe_to_gallery"].shape[0]):
-    yield (f"layer {layer + 1}", corr["probe_to_gallery"][layer, 0, 0],
-           corr["probe_to_gallery_score"][layer, 0, 0])
-  s = 2
-  while f"scale{s}_probe_to_gallery" in corr:
-    yield (f"scale {s}", corr[f"scale{s}_probe_to_gallery"][0, 0],
-           corr[f"scale{s}_probe_to_gallery_score"][0, 0])
-    s += 1
-
-
-def _grid(locations: int, map_size) -> tuple[int, int]:
-  """The (h, w) grid of `locations` cells: the model's map, or that map upsampled by an
-  integer factor (a finer pyramid scale)."""
-  h, w = map_size
-  factor = int(round((locations / (h * w)) ** 0.5))
-  if factor < 1 or factor * factor * h * w != locations:
-    raise ValueError(f"{locations} matched locations fit no upsampling of the {h}×{w} map.")
-  return h * factor, w * factor
-
-
-def visualize(config, checkpoint: str, workdir: str, num_pairs: int, num_matches: int) -> dict:
-  """--mode=visualize: for `num_pairs` queries of the first test set, ranks the gallery with the
-  model (only those queries are scored), and draws the probe → gallery argmax matches of each
-  query with its top-ranked valid gallery image (same id and camera excluded, as in evaluation);
-  one row per matching layer (TransMatcher: per decoder layer). Writes workdir/visualize/*.png
-  and index.json / index.html there; returns the index."""
-  import html
-  import numpy as np
-  import jaxreid
-  from jaxreid import viz
-  from jaxreid.data import datasets, pipeline
-  if num_pairs < 1:
-    raise ValueError(f"--num_pairs must be at least 1; got {num_pairs}.")
-  model = jaxreid.load(config, checkpoint)
-  name, test_config = datasets.parse_specs(config.dataset.test)[0]
-  title = name if test_config is None else f"{name}/{test_config}"
-  data_dir = config.dataset.data_dir
-  query = datasets.load_split(name, "query", data_dir=data_dir, config=test_config)
-  gallery = datasets.load_split(name, "gallery", data_dir=data_dir, config=test_config)
-  h, w = model.input_size
-  chosen = np.unique(np.linspace(0, len(query) - 1, min(num_pairs, len(query))).astype(np.int64))
-
-  def encode(split, indices):
-    maps = [model.encode(batch["image"])[:valid] for batch, valid in pipeline.eval_batches(
-        split, batch_size=model.batch_size, height=h, width=w, indices=indices)]
-    return np.concatenate(maps)
-
-  q_maps = encode(query, chosen)
-  g_maps = encode(gallery, None)
-  scores = model.match(q_maps, g_maps)                                  # [Q, G]
-  out_dir = os.path.join(workdir, "visualize")
-  os.makedirs(out_dir, exist_ok=True)
-  entries = []
-  for row, qi in enumerate(chosen):
-    valid = ~((gallery.pids == query.pids[qi]) & (gallery.cams == query.cams[qi]))
-    if not valid.any():
-      continue
-    gi = int(np.flatnonzero(valid)[np.argmax(scores[row][valid])])
-    corr = model.correspondences(q_maps[row:row + 1], g_maps[gi:gi + 1])   # [L, 1, 1, hw]
-    probe_img, gallery_img = _display_image(query, int(qi), (h, w)), _display_image(gallery, gi,
-                                                                                     (h, w))
-    layers, labels = [], []
-    for name, loc, sim in _drawn_rows(corr):
-      layers.append(viz.draw_matches(probe_img, gallery_img, loc, sim,
-                                     map_size=_grid(loc.size, model.map_size),
-                                     top=num_matches or None, gap=8, line_width=2))
-      shown = min(num_matches, loc.size) if num_matches else loc.size
-      labels.append(f"{name}: strongest {shown} of {loc.size} matches, "
-                    f"similarity {sim.max():.3g} (max) {sim.mean():.3g} (mean)")
-    correct = bool(gallery.pids[gi] == query.pids[qi])
-    heading = (f"query {query.filenames[qi]} -> gallery {gallery.filenames[gi]} "
-               f"(score {scores[row, gi]:.3g}, {'same id' if correct else 'different id'})")
-    path = os.path.join(out_dir, f"pair{row:02d}_q{int(qi)}_g{gi}.png")
-    viz.stack_rows(layers, labels, title=heading).save(path)
-    entries.append({"png": path, "query_index": int(qi), "query": query.filenames[qi],
-                    "gallery_index": gi, "gallery": gallery.filenames[gi],
-                    "score": float(scores[row, gi]), "same_id": correct})
-  index = {"test_set": title, "checkpoint": str(checkpoint), "method": model.config.model.name,
-           "pairs": entries}
-  with open(os.path.join(out_dir, "index.json"), "w") as f:
-    json.dump(index, f, indent=2)
-  with open(os.path.join(out_dir, "index.html"), "w") as f:
-    f.write(f"<html><body><h3>{html.escape(title)}: {html.escape(str(checkpoint))}</h3>\n")
-    for e in entries:
-      f.write(f"<p>{html.escape(e['query'])} &rarr; {html.escape(e['gallery'])}<br>"
-              f"<img src=\"{html.escape(os.path.basename(e['png']))}\"></p>\n")
-    f.write("</body></html>\n")
-  return index
-
-
 def main(argv):
   del argv
+  if FLAGS.mode == "describe":
+    print(config_help.describe(FLAGS.config, FLAGS["config"].config_filename))
+    return
   import jax
   from jaxreid import parallel
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
   parallel.maybe_initialize_distributed(FLAGS.distributed)
   logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax) off; progress via tqdm
+  # Orbax logs each failed asynchronous write with its tracebacks (hundreds of lines); the
+  # checkpointer raises one sentence for it instead.
+  logging.get_absl_logger().addFilter(
+      lambda r: r.levelno < logging.converter.STANDARD_ERROR or "orbax" not in r.pathname)
   config = FLAGS.config
   workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
   print(f"devices: {jax.devices()}; workdir: {workdir}", file=sys.stderr)
@@ -246,12 +172,29 @@ def main(argv):
     build_datasets(config)
     return
   prepare_workdir(workdir)
+  checkpoint = FLAGS.checkpoint or workdir
   if FLAGS.mode == "visualize":
-    index = visualize(config, FLAGS.checkpoint or workdir, workdir, FLAGS.num_pairs,
-                      FLAGS.num_matches)
-    for entry in index["pairs"]:
+    index = tools.visualize(config, checkpoint, workdir, FLAGS.num_pairs, FLAGS.num_matches,
+                            FLAGS.top_k, FLAGS.rerank)
+    for entry in index["pairs"] + index["rank_lists"]:
       print(entry["png"])
     print(os.path.join(workdir, "visualize", "index.html"))
+    return
+  if FLAGS.mode == "extract":
+    written = tools.extract(config, checkpoint, FLAGS.images,
+                            FLAGS.output or os.path.join(workdir, "features.npz"))
+    print(f"{written['path']}: features {written['shape']} ({written['method']})")
+    return
+  if FLAGS.mode == "rank":
+    out_dir = FLAGS.output or os.path.join(workdir, "rank")
+    tools.rank(config, checkpoint, FLAGS.query, FLAGS.gallery, out_dir, FLAGS.top_k)
+    print(os.path.join(out_dir, "ranking.csv"))
+    print(os.path.join(out_dir, "index.html"))
+    return
+  if FLAGS.mode == "export":
+    out_dir = FLAGS.output or os.path.join(workdir, "export")
+    meta = tools.export_for_serving(config, checkpoint, out_dir)
+    print(f"{out_dir}: {json.dumps(meta)}")
     return
   from jaxreid import registry
   method = registry.method_of(config)
@@ -269,9 +212,13 @@ def run():
   flags.mark_flag_as_required("config")
   try:
     app.run(main, flags_parser=parse_flags)
-  except (ValueError, FileNotFoundError, KeyError) as e:  # one clear sentence, no traceback
+  except (ValueError, OSError, KeyError) as e:  # one clear sentence, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt as e:   # SIGINT/SIGTERM: the training loop saved what it had
+    import signal
+    print(f"stopped: {e or 'interrupted'}", file=sys.stderr)
+    sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from jaxreid import backbones
 from jaxreid.backbones.resnet import resnet_to_torch
 from jaxreid.nn.norms import cosine_similarity, l2_normalize
 from jaxreid.nn.transformer import TransformerEncoderLayer
-from jaxreid.weights import BN_EPS, conv_kernel, flatten_state, strip_prefix, torch_conv
+from jaxreid.weights import (BN_EPS, conv_kernel, flatten_state, strip_prefix, torch_batch_norm,
+                             torch_conv)
 
 INPUT_NORMS = {  # (mean, std) applied to [0, 1] pixels
     "none": (0.0, 1.0),
@@ -39,12 +40,17 @@ def to_unit_range(images):
 
 class FeatureMapEncoder(nn.Module):
   """Pixels → input normalisation → `backbone` → 3×3 neck conv (if `neck`) → per-location L2
-  normalisation (if `normalize`)."""
+  normalisation (if `normalize`).
+
+  `neck_bn`: the neck conv has no bias and is followed by a BatchNorm2d `neck_bn` (batch
+  statistics in training), as the official QAConv up to v2.0 (docs/methods/qaconv.md).
+  """
   backbone: nn.Module
   neck: int = 128
   input_norm: str = "none"
   dtype: Any = jnp.float32
   normalize: bool = True
+  neck_bn: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -57,8 +63,11 @@ class FeatureMapEncoder(nn.Module):
     x = (to_unit_range(images) - jnp.asarray(mean)) / jnp.asarray(std)
     x = self.backbone(x.astype(self.dtype), train)
     if self.neck:
-      x = nn.Conv(self.neck, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
-                  name="neck_conv")(x)
+      x = nn.Conv(self.neck, (3, 3), padding=[(1, 1), (1, 1)], use_bias=not self.neck_bn,
+                  dtype=self.dtype, name="neck_conv")(x)
+      if self.neck_bn:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
+                         dtype=self.dtype, name="neck_bn")(x)
     return x
 
 
@@ -189,11 +198,14 @@ def feature_map_size(model_cfg, height: int, width: int) -> tuple[int, int]:
 
 def encoder_fields(config) -> dict:
   """The FeatureMapEncoder fields of `config.model` (backbone of model.backbone, neck,
-  input_norm, dtype); a method adds `normalize` and its own."""
+  input_norm, dtype, and neck_bn when set); a method adds `normalize` and its own."""
   m = config.model
   dtype = compute_dtype(config)
-  return dict(backbone=backbones.get(m).build(m, dtype), neck=m.neck, input_norm=m.input_norm,
-              dtype=dtype)
+  fields = dict(backbone=backbones.get(m).build(m, dtype), neck=m.neck, input_norm=m.input_norm,
+                dtype=dtype)
+  if m.get("neck_bn", False):
+    fields["neck_bn"] = True
+  return fields
 
 
 def init_variables(model: nn.Module, rng, height: int, width: int):
@@ -242,13 +254,17 @@ def neck_variables(model: Mapping):
 
 
 def encoder_to_official(variables: Mapping) -> dict:
-  """The official feature-model state ('base.*' ResNet, 'neck_conv.*') of the shared encoder's
-  variables; the inverse of `split_official` + `neck_variables` for a neck with a bias."""
+  """The official feature-model state ('base.*' ResNet, 'neck_conv.*', 'neck_bn.*' when the
+  neck has a BN) of the shared encoder's variables; the inverse of `split_official` +
+  `neck_variables` for a neck with a bias."""
   params, stats = variables["params"]["encoder"], variables["batch_stats"].get("encoder", {})
   out = resnet_to_torch(params["backbone"], stats.get("backbone", {}), "base.")
   if "neck_conv" in params:
     out["neck_conv.weight"] = torch_conv(params["neck_conv"]["kernel"])
-    out["neck_conv.bias"] = np.asarray(params["neck_conv"]["bias"], np.float32)
+    if "bias" in params["neck_conv"]:
+      out["neck_conv.bias"] = np.asarray(params["neck_conv"]["bias"], np.float32)
+  if "neck_bn" in params:
+    out.update(torch_batch_norm(params["neck_bn"], stats["neck_bn"], "neck_bn"))
   return out
 
 

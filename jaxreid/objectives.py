@@ -24,10 +24,13 @@ def keep_memory(memory, aux, batch, train_cfg):
 class Objective(NamedTuple):
   """loss(model, variables, state, batch, train_cfg) → (loss, (batch_stats, aux, metrics));
   init_memory(config, params, num_classes, rng) → memory;
-  update_memory(memory, aux, batch, train_cfg) → memory (after the loss, in the same step)."""
+  update_memory(memory, aux, batch, train_cfg) → memory (after the loss, in the same step);
+  prepare(config, state, train_split, mesh, log) → state: once before the first step of a run
+  that does not resume (PAT's pre-filled part memory), or None."""
   loss: Callable[..., Any]
   init_memory: Callable[..., Any] = no_memory
   update_memory: Callable[..., Any] = keep_memory
+  prepare: Callable[..., Any] | None = None
 
 
 def encode_for_training(model, variables, images):

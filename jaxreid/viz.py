@@ -1,9 +1,11 @@
 """Drawing local correspondences between a probe and a gallery image (QAConv "interpretability",
-TransMatcher Fig. 3): lines from each probe feature-map cell to its best-matching gallery cell.
+TransMatcher Fig. 3): lines from each probe feature-map cell to its best-matching gallery cell;
+and rank lists: a query with its top-ranked gallery images, framed by identity.
 
     out = model.correspondences(probe_maps[:1], gallery_maps[:1])          # [L, 1, 1, h*w]
     image = draw_matches(probe_image, gallery_image, out["probe_to_gallery"][0, 0, 0],
                          out["probe_to_gallery_score"][0, 0, 0], map_size=model.map_size, top=20)
+    row = draw_rank_list(query_image, top_gallery_images, top_scores, same_id=[True, False, …])
 """
 from collections.abc import Sequence
 
@@ -126,4 +128,49 @@ def stack_rows(rows: Sequence, labels: Sequence[str] | None = None, *, padding: 
       y += text_height
     canvas.paste(row, (padding, y))
     y += row.height + padding
+  return canvas
+
+
+SAME_ID = (0, 170, 0)
+OTHER_ID = (220, 0, 0)
+UNKNOWN_ID = (150, 150, 150)
+QUERY = (0, 0, 0)
+
+
+def _framed(image: Image.Image, colour, border: int) -> Image.Image:
+  framed = Image.new("RGB", (image.width + 2 * border, image.height + 2 * border), colour)
+  framed.paste(image, (border, border))
+  return framed
+
+
+def draw_rank_list(query_image, gallery_images: Sequence, scores, *, same_id=None,
+                   border: int = 4, gap: int = 6, score_format: str = "{:.3g}",
+                   query_label: str = "query") -> Image.Image:
+  """The query, then its ranked gallery images left to right, each with its score under it.
+
+  Gallery frames are green (`same_id` True: the query's identity), red (False) or grey (None:
+  identity unknown); the query's frame is black. Images (PIL or uint8 HxWx3 arrays) may have any
+  size; they are top-aligned on white.
+  """
+  gallery = [_rgb(g) for g in gallery_images]
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  same = [None] * len(gallery) if same_id is None else list(same_id)
+  if len(scores) != len(gallery) or len(same) != len(gallery):
+    raise ValueError(f"got {len(gallery)} gallery images, {len(scores)} scores and {len(same)} "
+                     "same_id flags; pass one of each per image.")
+  colour = lambda s: UNKNOWN_ID if s is None else (SAME_ID if s else OTHER_ID)
+  tiles = [_framed(_rgb(query_image), QUERY, border)] + [
+      _framed(g, colour(s), border) for g, s in zip(gallery, same)]
+  captions = [query_label] + [score_format.format(s) for s in scores]
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  text_height = max(_text_size(measure, t)[1] for t in captions) + 4
+  widths = [max(t.width, _text_size(measure, c)[0]) for t, c in zip(tiles, captions)]
+  height = max(t.height for t in tiles) + text_height
+  canvas = Image.new("RGB", (sum(widths) + gap * (len(tiles) + 1), height + gap), BACKGROUND)
+  draw = ImageDraw.Draw(canvas)
+  x = gap
+  for tile, caption, width in zip(tiles, captions, widths):
+    canvas.paste(tile, (x, 0))
+    draw.text((x, tile.height + 2), caption, fill=(0, 0, 0))
+    x += width + gap
   return canvas

@@ -49,6 +49,20 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     raise ValueError(f"{path} could not be read as a safetensors file ({e}).") from e
 
 
+def _torch_reason(error: Exception) -> str:
+  """What torch.load found wrong, without its advice to load with weights_only=False (which
+  would run code from the file)."""
+  text = str(error)
+  found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+  if found:
+    return f"it holds a Python object ({found.group(1)}), not only tensors"
+  if "zip archive" in text or "central directory" in text:
+    return "the file is truncated or corrupted"
+  if isinstance(error, (KeyError, EOFError)) or "weights_only" in text or len(text) < 20:
+    return "it is not a PyTorch checkpoint of tensors"
+  return text.strip().splitlines()[0]
+
+
 def _read_torch(path: Path) -> dict[str, Any]:
   try:
     import torch
@@ -57,9 +71,10 @@ def _read_torch(path: Path) -> dict[str, Any]:
                       ".safetensors, which needs no torch).") from e
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise ValueError(f"{path} could not be read as a PyTorch state dict "
-                     f"({type(e).__name__}: {e}).") from e
+  except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+    raise ValueError(f"{path} could not be read as a PyTorch state dict: {_torch_reason(e)}; "
+                     "jaxreid reads only tensors (weights_only), so re-save the weights as a "
+                     "plain state dict or .safetensors, or check that the file is whole.") from None
   if not isinstance(obj, Mapping):
     raise ValueError(f"{path} does not hold a state dict: it contains a {type(obj).__name__}.")
   state = _torch_to_numpy(obj, torch)

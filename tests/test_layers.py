@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # api/CLI (docs/architecture.md).
 LAYERS = [
     ("io", ("jaxreid.weights", "jaxreid.parallel", "jaxreid.checkpoint", "jaxreid.viz",
-            "jaxreid.nn", "jaxreid.data")),
+            "jaxreid.nn", "jaxreid.data", "jaxreid.export")),
     ("backbones", ("jaxreid.backbones",)),
     ("models", ("jaxreid.models", "jaxreid.objectives")),
     ("train/eval", ("jaxreid.train", "jaxreid.eval")),
     ("methods", ("jaxreid.methods",)),
     ("registry", ("jaxreid.registry",)),
-    ("api", ("jaxreid.api", "jaxreid.cli")),
+    ("api", ("jaxreid.api", "jaxreid.cli", "jaxreid.tools", "jaxreid.config_help")),
 ]
 TRAINING_STACK = ("jaxreid.train", "jaxreid.data", "jaxreid.checkpoint", "orbax", "grain",
                   "tensorflow_datasets", "tensorboardX")

@@ -74,6 +74,43 @@ def test_small_blocks_and_memmap(tmp_path, monkeypatch):
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("p, g, k1, k2, block_columns", [
+    (25, 70, 20, 6, None), (12, 40, 6, 3, 7), (5, 33, 3, 1, 64)])
+def test_gg_block_function_equals_in_memory(tmp_path, monkeypatch, p, g, k1, k2, block_columns):
+  """GG given as column blocks (asymmetric, with ties), written to a memmap under block_dir in
+  the neighbour pass: the in-memory result exactly, each block asked for once and in order, the
+  memmap deleted on return."""
+  rng = np.random.default_rng(p + g)
+  qg, qq, gg = random_distances(rng, p, g, ties=True)
+  want = rerank(qg, qq, gg, k1=k1, k2=k2)
+  monkeypatch.setattr(rerank_module, "_BLOCK_ELEMENTS", 300)
+  monkeypatch.setattr(rerank_module, "_PAIRS_PER_STEP", 50)
+  monkeypatch.setattr(rerank_module, "_FETCH_ELEMENTS", 5 * g)
+  asked, seen = [], []
+
+  def columns(start, stop):
+    asked.append((start, stop))
+    seen.extend(tmp_path.glob("rerank_gg_*/gg_columns.npy"))
+    return gg[:, start:stop].T.copy()
+
+  got = rerank(qg, qq, columns, k1=k1, k2=k2, block_dir=tmp_path, block_columns=block_columns)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(got, reference(qg, qq, gg, k1, k2, 0.3), rtol=2e-6, atol=2e-6)
+  starts, stops = zip(*asked)
+  assert starts[0] == 0 and stops[-1] == g and list(starts[1:]) == list(stops[:-1])
+  width = block_columns or 5
+  assert all(b - a == min(width, g - a) for a, b in asked)
+  assert seen and not list(tmp_path.iterdir())
+
+
+def test_gg_block_function_checks_its_blocks():
+  qg, qq, gg = random_distances(np.random.default_rng(0), 4, 9)
+  with pytest.raises(ValueError, match="must return"):
+    rerank(qg, qq, lambda a, b: gg[:-1, a:b].T)    # a gallery item short
+  with pytest.raises(ValueError, match="NaN"):
+    rerank(qg, qq, lambda a, b: np.full((b - a, 9), np.nan))
+
+
 def test_all_ties_and_lambda_one():
   """Constant distances: everything ties; λ = 1 returns the column-normalised distances."""
   qg, qq, gg = np.full((3, 5), 0.5), np.full((3, 3), 0.5), np.full((5, 5), 0.5)

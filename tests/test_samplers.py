@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxreid.data.samplers import GraphSampler, PKSampler
+from jaxreid.data.samplers import GraphSampler, PKSampler, rerank_graph_distance
 
 
 def _labels(num_classes=13, seed=0):
@@ -175,3 +175,200 @@ def test_graph_sampler_pointer_matches_official_across_epochs_and_resumes():
       np.testing.assert_array_equal(resumed.epoch_plan(epoch, plans[epoch][0]), plans[epoch][1])
   with pytest.raises(ValueError, match="sampler state has 3 classes"):
     resumed.load_state_dict({"pass": np.zeros(3), "pointer": np.zeros(3)})
+
+
+def _official_random_index(labels, batch_size, num_instance, rng):
+  """Transcription of official QAConv v2.0 GraphSampler.random_index, with its randomness from
+  `rng` (np.random.choice → rng.choice, shuffle → rng.permutation, np.random.shuffle of the
+  rows → a row permutation), then its DataLoader's batches (the last one may be partial)."""
+  sam_index = []
+  for pid in sorted(set(labels.tolist())):
+    index = np.flatnonzero(labels == pid).tolist()      # index_dic[pid].copy()
+    batches = len(index) // num_instance
+    if batches == 0:
+      more = rng.choice(index, size=num_instance - len(index), replace=True)
+      index.extend(more)
+      batches = 1
+    index = rng.permutation(index).tolist()              # shuffle(index)
+    if batches > batch_size:
+      index = index[:batch_size * num_instance]
+    else:
+      index = index[:batches * num_instance]
+    sam_index.extend(index)
+  sam_index = np.array(sam_index)
+  sam_index = sam_index.reshape((-1, num_instance))
+  sam_index = sam_index[rng.permutation(len(sam_index))]  # np.random.shuffle(sam_index)
+  sam_index = list(sam_index.flatten())
+  return [sam_index[i:i + batch_size] for i in range(0, len(sam_index), batch_size)]
+
+
+def test_graph_sampler_pre_epoch_is_official_random_index():
+  rng = np.random.default_rng(11)
+  labels = rng.permutation(np.repeat(np.arange(10), rng.integers(1, 13, 10)))  # 1-12 images
+  for batch_size, k in ((4, 2), (8, 4), (12, 3)):          # (4, 2): 4-chunk cap binds at ≥ 10
+    sampler = GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=2, pre_epochs=2)
+    before = sampler.state_dict()
+    for epoch in range(2):
+      assert not sampler.needs_distance(epoch)
+      plan = sampler.epoch_plan(epoch)
+      official = _official_random_index(labels, batch_size, k,
+                                        np.random.default_rng([2, epoch, 3]))
+      full = [b for b in official if len(b) == batch_size]
+      assert len(official) - len(full) <= 1                  # ours drops the partial last batch
+      np.testing.assert_array_equal(plan, np.asarray(full, np.int64))
+      assert sampler.epoch_lengths(3)[epoch] == len(plan)
+      # Structure: chunks of K of one class; per class min(⌊n/K⌋ or 1, batch_size) chunks.
+      chunks = np.concatenate(official).reshape(-1, k)
+      assert all(len(set(labels[ch].tolist())) == 1 for ch in chunks)
+      counts = np.bincount(labels[chunks[:, 0]], minlength=10)
+      sizes = np.bincount(labels, minlength=10)
+      np.testing.assert_array_equal(counts, np.minimum(np.maximum(1, sizes // k), batch_size))
+      for c in np.flatnonzero(sizes >= k):                 # no image twice within a class
+        taken = chunks[labels[chunks[:, 0]] == c].ravel()
+        assert len(set(taken.tolist())) == len(taken)
+    assert not np.array_equal(sampler.epoch_plan(0), sampler.epoch_plan(1))
+    # The random index leaves the per-class pointers alone (as official random_index does).
+    for key in before:
+      np.testing.assert_array_equal(sampler.state_dict()[key], before[key])
+    assert sampler.needs_distance(2) and sampler.epoch_plan(2, rng.random((10, 10))).shape == (
+        10, batch_size)
+    assert sampler.epoch_lengths(3)[2] == 10
+  with pytest.raises(ValueError, match="graph epoch"):
+    GraphSampler(labels, batch_size=4, num_instances=2, seed=0, pre_epochs=1).epoch_plan(1)
+
+
+def test_graph_sampler_pre_epochs_keep_the_graph_epochs_of_the_official_sampler():
+  """After v2.0's pre-epoch, the graph epochs draw as the official sampler (pointers from 0)."""
+  labels = _labels(num_classes=9, seed=4)
+  ours = GraphSampler(labels, batch_size=8, num_instances=2, seed=5, pre_epochs=1)
+  official = _OfficialGraphSampler(
+      labels, 8, 2, shuffle=ours.class_order,
+      batch_order=lambda e: np.random.default_rng([5, e, 1]).permutation(9))
+  ours.epoch_plan(0)
+  rng = np.random.default_rng(1)
+  for epoch in (1, 2, 3):
+    distance = rng.random((9, 9))
+    np.testing.assert_array_equal(ours.epoch_plan(epoch, distance),
+                                  official.graph_index(epoch, distance))
+
+
+def _official_reranking(dist, query_num, k1=20, k2=6, lamda_value=0.3):
+  """Transcription of official QAConv v2.0 reid/evaluators.py `reranking` (NumPy input; argsort
+  made stable so that ties, which the doubled matrix is full of, rank in index order)."""
+  original_dist = dist
+  all_num = original_dist.shape[0]
+  original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
+  V = np.zeros_like(original_dist).astype(np.float16)
+  initial_rank = np.argsort(original_dist, kind="stable").astype(np.int32)
+  for i in range(all_num):
+    forward_k_neigh_index = initial_rank[i, :k1 + 1]
+    backward_k_neigh_index = initial_rank[forward_k_neigh_index, :k1 + 1]
+    fi = np.where(backward_k_neigh_index == i)[0]
+    k_reciprocal_index = forward_k_neigh_index[fi]
+    k_reciprocal_expansion_index = k_reciprocal_index
+    for j in range(len(k_reciprocal_index)):
+      candidate = k_reciprocal_index[j]
+      candidate_forward_k_neigh_index = initial_rank[candidate, :int(np.around(k1 / 2)) + 1]
+      candidate_backward_k_neigh_index = initial_rank[candidate_forward_k_neigh_index,
+                                                      :int(np.around(k1 / 2)) + 1]
+      fi_candidate = np.where(candidate_backward_k_neigh_index == candidate)[0]
+      candidate_k_reciprocal_index = candidate_forward_k_neigh_index[fi_candidate]
+      if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2 / 3 * len(
+          candidate_k_reciprocal_index):
+        k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index,
+                                                 candidate_k_reciprocal_index)
+    k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
+    weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
+    V[i, k_reciprocal_expansion_index] = weight / np.sum(weight)
+  original_dist = original_dist[:query_num, ]
+  if k2 != 1:
+    V_qe = np.zeros_like(V, dtype=np.float16)
+    for i in range(all_num):
+      V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
+    V = V_qe
+  invIndex = []
+  for i in range(all_num):
+    invIndex.append(np.where(V[:, i] != 0)[0])
+  jaccard_dist = np.zeros_like(original_dist, dtype=np.float16)
+  for i in range(query_num):
+    temp_min = np.zeros(shape=[1, all_num], dtype=np.float16)
+    indNonZero = np.where(V[i, :] != 0)[0]
+    indImages = [invIndex[ind] for ind in indNonZero]
+    for j in range(len(indNonZero)):
+      temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(
+          V[i, indNonZero[j]], V[indImages[j], indNonZero[j]])
+    jaccard_dist[i] = 1 - temp_min / (2 - temp_min)
+  final_dist = jaccard_dist * (1 - lamda_value) + original_dist * lamda_value
+  return final_dist[:query_num, query_num:]
+
+
+def _official_graph_distance(score):
+  """v2.0 GraphSampler.calc_distance: pairwise_distance, doubled to 2C × 2C, re-ranked."""
+  dist = (1 - 1 / (1 + np.exp(-score / 10))).astype(np.float32)
+  dist = np.concatenate((dist, dist))
+  dist = np.concatenate((dist, dist), axis=1)
+  return _official_reranking(dist, len(score))
+
+
+@pytest.mark.parametrize("c", [12, 40])
+def test_rerank_graph_distance_is_official_v20_reranking(c):
+  score = np.random.default_rng(c).normal(0, 20, (c, c)).astype(np.float32)   # not symmetric
+  distance = (1 - 1 / (1 + np.exp(-score / 10))).astype(np.float32)
+  ours = rerank_graph_distance(distance)
+  official = _official_graph_distance(score)
+  assert ours.shape == (c, c) and ours.dtype == np.float32
+  np.testing.assert_array_equal(ours, official)
+  sampler = GraphSampler(np.repeat(np.arange(c), 2), batch_size=16, num_instances=2, seed=0)
+  np.testing.assert_array_equal(sampler.neighbours(ours), sampler.neighbours(official))
+  # Re-ranking changes the graph (else this test could not tell it was applied).
+  assert not np.array_equal(sampler.neighbours(ours), sampler.neighbours(distance))
+
+
+def test_epoch_plan_reranks_the_graph_as_official_v20(monkeypatch):
+  """loop.epoch_plan with data.gs_rerank: the batches of official v2.0 graph_index on the
+  re-ranked distance; pre-epochs score nothing."""
+  import ml_collections
+  from jaxreid.train import loop
+  c, batch_size, k = 14, 8, 2
+  labels = _labels(num_classes=c, seed=3)
+  score = np.random.default_rng(5).normal(0, 20, (c, c)).astype(np.float32)
+  calls = []
+  monkeypatch.setattr(loop, "extract", lambda *a, **kw: calls.append(kw["indices"]))
+  monkeypatch.setattr(loop, "match_fn", lambda model: None)
+  monkeypatch.setattr(loop, "score_matrix", lambda *a, **kw: score)
+  config = ml_collections.ConfigDict(dict(
+      data=dict(gs_rerank=True, gs_pre_epochs=1), eval=dict(tile_p=8, tile_g=8)))
+  state = ml_collections.ConfigDict(dict(params=None, batch_stats=None))
+  ours = GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=5, pre_epochs=1)
+  official = _OfficialGraphSampler(
+      labels, batch_size, k, shuffle=ours.class_order,
+      batch_order=lambda e: np.random.default_rng([5, e, 1]).permutation(c))
+  plan = loop.epoch_plan(config, ours, None, state, None, None, 0)
+  assert not calls and plan.shape == (ours.epoch_lengths(1)[0], batch_size)
+  for epoch in (1, 2):
+    plan = loop.epoch_plan(config, ours, None, state, None, None, epoch)
+    np.testing.assert_array_equal(calls[-1], ours.representatives(epoch))
+    np.testing.assert_array_equal(plan, official.graph_index(epoch,
+                                                             _official_graph_distance(score)))
+  plans = []
+  for rerank in (True, False):                 # without re-ranking (−score): another graph
+    config.data.gs_rerank = rerank
+    fresh = GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=5, pre_epochs=1)
+    plans.append(loop.epoch_plan(config, fresh, None, state, None, None, 1))
+  assert not np.array_equal(*plans)
+
+
+def test_v20_settings_train_as_official_main_gs():
+  from configs import qaconv_gs
+  from jaxreid.train.loop import make_sampler
+  for setting in ("market_v20", "msmt17_all_v20"):
+    c = qaconv_gs.get_config(setting)
+    assert c.model.neck_bn and c.data.gs_pre_epochs == 1 and c.data.gs_rerank
+  for setting in ("synthetic", "market", "msmt17_all"):
+    c = qaconv_gs.get_config(setting)
+    assert not c.model.neck_bn and c.data.gs_pre_epochs == 0 and not c.data.gs_rerank
+  c = qaconv_gs.get_config("market_v20")
+  split = type("Split", (), {"labels": _labels(num_classes=20, seed=0)})()
+  c.data.batch_size, c.data.num_instances = 8, 2
+  sampler = make_sampler(c, split)
+  assert sampler.pre_epochs == 1 and not sampler.needs_distance(0) and sampler.needs_distance(1)

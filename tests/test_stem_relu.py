@@ -3,7 +3,6 @@ is commented out), against a small torch model."""
 import jax.numpy as jnp
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from jaxreid.backbones.resnet import ResNet, resnet_from_torch
 from torch_resnet import TorchResNet, calibrate, nhwc

@@ -1,5 +1,5 @@
-"""Correspondence drawing (jaxreid.viz), ReidModel.correspondences for both methods, and
-main.py --mode=visualize."""
+"""Correspondence and rank-list drawing (jaxreid.viz), ReidModel.correspondences for both
+methods, and main.py --mode=visualize."""
 import json
 import os
 import subprocess
@@ -68,6 +68,37 @@ def test_stack_rows_labels_and_size():
   assert (array[..., 2] == 255).sum() >= 50 * 20 and (array.sum(-1) < 60).any()  # text/black
   with pytest.raises(ValueError, match="labels"):
     viz.stack_rows(rows, ["one"])
+
+
+def test_draw_rank_list_frames_by_identity_and_writes_scores():
+  query = np.full((40, 40, 3), 200, np.uint8)
+  gallery = [np.full((40, 40, 3), 255, np.uint8)] * 3
+  out = np.asarray(viz.draw_rank_list(query, gallery, [2.5, 1.0, -0.5],
+                                      same_id=[True, False, None], border=3, gap=5))
+  # Tiles of 46 px (40 + 2·3, wider than the captions) from x = 5, then every 46 + 5 px.
+  xs = [5]
+  for _ in range(3):
+    xs.append(xs[-1] + 46 + 5)
+  assert out.shape[1] == xs[-1] + 46 + 5 and out.shape[0] > 46
+  for x, colour in zip(xs, [viz.QUERY, viz.SAME_ID, viz.OTHER_ID, viz.UNKNOWN_ID]):
+    assert tuple(out[1, x + 10]) == colour and tuple(out[20, x + 1]) == colour   # the frame
+    assert tuple(out[20, x + 10]) in ((200,) * 3, (255,) * 3)                    # the image
+    assert (out[47:, x:x + 46] < 100).any()                         # a caption under the tile
+  blank = np.asarray(viz.draw_rank_list(query, gallery, [2.5, 1.0, -0.5], border=3, gap=5))
+  assert all(tuple(blank[1, x + 10]) == viz.UNKNOWN_ID for x in xs[1:])   # identities unknown
+  with pytest.raises(ValueError, match="3 gallery images, 2 scores"):
+    viz.draw_rank_list(query, gallery, [1.0, 0.0])
+
+
+def test_ranked_valid_drops_same_id_same_camera_and_sorts_stably():
+  from jaxreid.tools import ranked_valid
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 4, 30).astype(np.float32)      # many ties
+  ids, cams = rng.integers(0, 3, 30), rng.integers(0, 2, 30)
+  for qid, qcam in ((0, 0), (1, 1), (7, 0)):
+    keep = [g for g in range(30) if not (ids[g] == qid and cams[g] == qcam)]
+    expected = sorted(keep, key=lambda g: (-scores[g], g))[:8]
+    assert list(ranked_valid(scores, ids, cams, qid, qcam, 8)) == expected
 
 
 def _tiny_model(name):
@@ -155,7 +186,7 @@ def test_main_visualize_writes_pngs(synthetic_data_dir, tmp_path):
   out = subprocess.run([sys.executable, "main.py", "--config", "configs/qaconv_gs.py",
                         "--mode=visualize", f"--checkpoint={ckpt_dir}", f"--workdir={workdir}",
                         f"--config.dataset.data_dir={synthetic_data_dir}", "--num_pairs=2",
-                        "--num_matches=5"],
+                        "--num_matches=5", "--top_k=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   pngs = sorted((workdir / "visualize").glob("*.png"))
@@ -167,12 +198,39 @@ def test_main_visualize_writes_pngs(synthetic_data_dir, tmp_path):
   assert (workdir / "visualize" / "index.html").is_file()
   image = Image.open(pngs[0])
   assert image.mode == "RGB" and image.height >= 256 and image.width >= 2 * 128
+  # Rank lists: plain and re-ranked top 3 of each drawn query, same id and camera left out.
+  from jaxreid.data import datasets
+  query = datasets.load_split("synthetic_reid", "query", data_dir=synthetic_data_dir,
+                              config="domain_b")
+  gallery = datasets.load_split("synthetic_reid", "gallery", data_dir=synthetic_data_dir,
+                                config="domain_b")
+  ranks = index["rank_lists"]
+  assert [r["query_index"] for r in ranks] == [p["query_index"] for p in index["pairs"]]
+  assert [Path(p).resolve() for p in printed[2:4]] == [Path(r["png"]).resolve() for r in ranks]
+  html = (workdir / "visualize" / "index.html").read_text()
+  for r in ranks:
+    q = r["query_index"]
+    assert f'href="ranks/{Path(r["png"]).name}"' in html
+    for name in ("plain", "reranked"):
+      ranked = r[name]
+      assert len(ranked) == 3
+      for e in ranked:
+        g = e["gallery_index"]
+        assert not (gallery.pids[g] == query.pids[q] and gallery.cams[g] == query.cams[q])
+        assert e["same_id"] == bool(gallery.pids[g] == query.pids[q])
+      values = [e["score" if name == "plain" else "distance"] for e in ranked]
+      assert values == sorted(values, reverse=name == "plain")   # logits down, distances up
+    top = next(p for p in index["pairs"] if p["query_index"] == q)
+    assert r["plain"][0]["gallery_index"] == top["gallery_index"]
+    assert r["plain"][0]["score"] == pytest.approx(top["score"])
+    picture = Image.open(r["png"])
+    assert picture.height > 2 * 128 and picture.width > 4 * 64
 
 
 def test_visualize_rows_cover_every_layer_and_finer_scale():
   """--mode=visualize draws each matching layer, then each finer pyramid scale (`scale{s}_*`,
   KPM) on its own grid, the model's map upsampled by an integer factor."""
-  from jaxreid.cli import _drawn_rows, _grid
+  from jaxreid.tools import _drawn_rows, _grid
   rng = np.random.default_rng(0)
   corr = {"probe_to_gallery": rng.integers(0, 8, (2, 1, 1, 8)),
           "probe_to_gallery_score": rng.random((2, 1, 1, 8)),

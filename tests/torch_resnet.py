@@ -1,6 +1,5 @@
 """An independent PyTorch ResNet (torchvision layout, IBN-Net's IBN-b) in the official key layout,
 and helpers to compare it with jaxreid: the reference for every conversion test."""
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

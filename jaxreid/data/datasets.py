@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -87,7 +88,25 @@ def _builder(name: str, config, data_dir: str, **kwargs) -> tfds.core.DatasetBui
   try:  # prepared by a builder that is not in this repo: read it from its files
     return tfds.builder(name if config is None else f"{name}/{config}", data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise FileNotFoundError(_not_prepared(name, config, data_dir)) from e
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known_datasets())} (or a "
+                     f"dataset prepared by another TFDS builder under {data_dir}).") from e
+
+
+def known_datasets() -> list[str]:
+  """The datasets this repository has builders for."""
+  root = Path(importlib.import_module("tfds_builders").__path__[0])
+  return sorted(p.name for p in root.iterdir()
+                if (p / f"{p.name}_dataset_builder.py").is_file())
+
+
+def resolve(config) -> None:
+  """Checks that every dataset of config.dataset.train and .test exists and is prepared (a
+  missing synthetic one is built, a missing real one is built from dataset.manual_dir when
+  given), so that a mistyped or unbuilt test set stops the run before its first step."""
+  d = config.dataset
+  for specs in (d.train, d.test):
+    for name, builder_config in parse_specs(specs):
+      prepare(name, config=builder_config, data_dir=d.data_dir, manual_dir=d.get("manual_dir"))
 
 
 def _not_prepared(name: str, config, data_dir: str) -> str:

@@ -85,13 +85,25 @@ class GraphSampler:
   reaches its end. That state (`state_dict` / `load_state_dict`: per class, the pass number and
   the pointer) changes with every plan, so a resumed run restores it from the checkpoint. Pass n
   of class c uses `class_order(c, n)`; batch order: default_rng([seed, epoch, 1]).permutation(C).
+
+  `pre_epochs` (QAConv-GS v2.0's `--gs_pre_epochs`): epochs 0 … pre_epochs-1 use the random PK
+  index instead (`pre_epoch_plan`; no class distance needed, see `needs_distance`), which leaves
+  the pointers alone, as the official sampler does.
   """
 
-  def __init__(self, labels: np.ndarray, *, batch_size: int, num_instances: int, seed: int):
+  def __init__(self, labels: np.ndarray, *, batch_size: int, num_instances: int, seed: int,
+               pre_epochs: int = 0):
     self._index = _class_indices(labels)
     self.num_classes = len(self._index)
     self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
     self._per_batch = _check_batch(batch_size, num_instances, self.num_classes)
+    self.pre_epochs = int(pre_epochs)
+    # Chunks of K per class in a pre-epoch: ⌊n/K⌋ (1 when n < K), at most batch_size of them.
+    self._pre_chunks = np.asarray([min(max(1, len(idx) // num_instances), batch_size)
+                                   for idx in self._index])
+    if self.pre_epochs < 0 or (self.pre_epochs and self._pre_batches < 1):
+      raise ValueError(f"pre_epochs ({pre_epochs}) must be >= 0, and a pre-epoch needs at least "
+                       f"one full batch of {batch_size} images.")
     self._pass = np.zeros(self.num_classes, np.int64)      # how often each class reshuffled
     self._pointer = np.zeros(self.num_classes, np.int64)   # next position in the current pass
     self._orders = {}                                      # class → its current pass's order
@@ -130,7 +142,40 @@ class GraphSampler:
 
   @property
   def num_batches(self) -> int:
+    """Batches of a graph epoch (C)."""
     return self.num_classes
+
+  @property
+  def _pre_batches(self) -> int:
+    return int(self._pre_chunks.sum()) * self.num_instances // self.batch_size
+
+  def epoch_lengths(self, epochs: int) -> list[int]:
+    """Batches in each of epochs 0 … epochs-1 (pre-epochs are shorter or longer than C)."""
+    return [self._pre_batches if e < self.pre_epochs else self.num_classes for e in range(epochs)]
+
+  def needs_distance(self, epoch: int) -> bool:
+    """Whether `epoch_plan(epoch, …)` uses a class distance (False in a pre-epoch)."""
+    return epoch >= self.pre_epochs
+
+  def pre_epoch_plan(self, epoch: int) -> np.ndarray:
+    """int64 [pre-epoch batches, batch_size]: QAConv-GS v2.0's random PK index
+    (docs/methods/qaconv.md). Per class, in class order: a class with n < K images gets K - n
+    more drawn from them with replacement (`choice(idx, K - n)`), the images are shuffled
+    (`permutation`) and cut into min(⌊n/K⌋ or 1, batch_size) chunks of K; the chunks of all
+    classes are shuffled (`permutation` of the rows), flattened and cut into batches; the last
+    partial batch is dropped. Every draw comes from default_rng([seed, epoch, 3]), in that order.
+    The pointers are not touched."""
+    rng = np.random.default_rng([self.seed, epoch, 3])
+    k = self.num_instances
+    rows = []
+    for idx, chunks in zip(self._index, self._pre_chunks):
+      if len(idx) < k:
+        idx = np.concatenate([idx, rng.choice(idx, k - len(idx), replace=True)])
+      rows.append(rng.permutation(idx)[:chunks * k].reshape(chunks, k))
+    rows = np.concatenate(rows)
+    flat = rows[rng.permutation(len(rows))].reshape(-1)
+    n = self._pre_batches
+    return flat[:n * self.batch_size].reshape(n, self.batch_size).astype(np.int64)
 
   def representatives(self, epoch: int) -> np.ndarray:
     """int64 [C]: one random dataset index of each class, in class order."""
@@ -148,10 +193,15 @@ class GraphSampler:
     order = np.argsort(dist, axis=1, kind="stable")
     return order[:, :self._per_batch - 1].astype(np.int64)
 
-  def epoch_plan(self, epoch: int, class_distance: np.ndarray) -> np.ndarray:
+  def epoch_plan(self, epoch: int, class_distance: np.ndarray | None = None) -> np.ndarray:
     """int64 [C, batch_size]: the batch of class c = its neighbours (nearest first), then c, K
     images each from the per-class pointers (advanced in that order, leaders 0..C-1, as the
-    official sampler); batches in a shuffled order. Advances the sampler state."""
+    official sampler); batches in a shuffled order. Advances the sampler state. In a pre-epoch,
+    `pre_epoch_plan(epoch)` (class_distance unused)."""
+    if not self.needs_distance(epoch):
+      return self.pre_epoch_plan(epoch)
+    if class_distance is None:
+      raise ValueError(f"epoch {epoch} is a graph epoch and needs class_distance [C, C].")
     rng = np.random.default_rng([self.seed, epoch, 1])
     k = self.num_instances
     neighbours = self.neighbours(class_distance)
@@ -223,3 +273,59 @@ class IdentitySampler:
       rows.append(np.concatenate([chunks[c][pointer[c]] for c in classes]))
       pointer[classes] += 1
     return np.asarray(rows, np.int64).reshape(len(rows), self.batch_size)
+
+
+def rerank_graph_distance(distance: np.ndarray, k1: int = 20, k2: int = 6,
+                          lambda_value: float = 0.3) -> np.ndarray:
+  """QAConv-GS v2.0's re-ranked graph distance (docs/methods/qaconv.md), float32 [C, C].
+
+  k-reciprocal re-ranking (Zhong et al., CVPR 2017) as the official dense code runs it on the
+  class distance D [C, C] (D[p, g]: probe p, gallery g; need not be symmetric) doubled into
+  [[D, D], [D, D]]: 2C items, the first C the queries; the result is the block of the queries ×
+  the second copies. As that code: each column divided by its maximum and the result transposed
+  (row r ranks the items s by D[s, r]); the weights V, their query expansion and the Jaccard
+  distances in float16 (with its rounding, in its order of summation); (1 - λ)·Jaccard + λ·the
+  normalised distance. Ties (every item has a twin) rank in index order. D is not symmetric for
+  QAConv, so `jaxreid.eval.rerank.rerank`, which takes [[QQ, QG], [QGᵀ, GG]], cannot express it.
+  """
+  d = np.asarray(distance, np.float32)
+  c = len(d)
+  if d.ndim != 2 or d.shape != (c, c) or c < 1:
+    raise ValueError(f"distance must be a square [C, C] matrix, got shape {d.shape}.")
+  n = 2 * c
+  norm = (d / d.max(axis=0)).T          # row r of the doubled working matrix is [norm[r], norm[r]]
+  k, k_half = min(k1 + 1, n), min(int(np.around(k1 / 2)) + 1, n)
+  width = min(max(k, k2), n)
+  rank = np.empty((c, width), np.int64)
+  for start in range(0, c, 256):      # rows r and r + C are the same: rank the first C
+    block = norm[start:start + 256]
+    rank[start:start + 256] = np.argsort(np.concatenate([block, block], 1), axis=1,
+                                         kind="stable")[:, :width]
+  rank = np.concatenate([rank, rank])
+  items = np.arange(n)
+  reciprocal = (rank[rank[:, :k], :k] == items[:, None, None]).any(-1)            # [n, k]
+  half = (rank[rank[:, :k_half], :k_half] == items[:, None, None]).any(-1)       # [n, k_half]
+  v = np.zeros((n, n), np.float16)
+  for i in range(n):
+    forward = rank[i, :k]
+    members = forward[reciprocal[i]]
+    cand, cand_in = rank[forward, :k_half], half[forward]                         # [k, k_half]
+    overlap = (cand_in & np.isin(cand, members)).sum(1)
+    grow = reciprocal[i] & (overlap > 2 / 3 * cand_in.sum(1))
+    expanded = np.unique(np.concatenate([members, cand[grow[:, None] & cand_in]]))
+    weight = np.exp(-norm[i % c, expanded % c])
+    v[i, expanded] = weight / np.sum(weight)
+  if k2 != 1:
+    v = np.stack([np.mean(v[rank[i, :k2]], axis=0) for i in range(n)]).astype(np.float16)
+  # For each column of V, the second copies (rows ≥ C) that weigh it (sorted by column).
+  cols, rows = np.nonzero(v[c:].T)
+  bounds = np.searchsorted(cols, np.arange(n + 1))
+  out = np.empty((c, c), np.float32)
+  for i in range(c):
+    shared = np.zeros(c, np.float16)
+    for col in np.flatnonzero(v[i]):
+      r = rows[bounds[col]:bounds[col + 1]]
+      shared[r] = shared[r] + np.minimum(v[i, col], v[c + r, col])
+    jaccard = 1 - shared / (2 - shared)
+    out[i] = jaccard * (1 - lambda_value) + norm[i] * lambda_value
+  return out

@@ -1,12 +1,18 @@
-"""Evaluation of a trained model on each test set: extract once, score in tiles, rank."""
+"""Evaluation of a trained model on each test set: the query maps extracted once, the gallery
+encoded and scored chunk by chunk (docs/evaluation.md), then ranked."""
 import functools
 import json
 import logging
+import os
+import queue
+import threading
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from scipy.special import expit
 from tqdm.auto import tqdm
 
@@ -14,12 +20,16 @@ from jaxreid import parallel
 from jaxreid.data import datasets, pipeline
 from jaxreid.eval.metrics import evaluate_ranking, top_k
 from jaxreid.eval.rerank import rerank
-from jaxreid.eval.scoring import (first_stage_scores, global_features, match_fn,
+from jaxreid.eval.scoring import (ChunkScorer, first_stage_scores, global_features, match_fn,
                                    rescore_top_k, score_matrix)
 from jaxreid.eval.tlift import tlift
 
 RANKS = (1, 5, 10, 20)
 DISTANCES = ("sigmoid", "neg")
+# Defaults of the streaming fields, read with config.eval.get so older configs keep working.
+GALLERY_CHUNK_BATCHES = 16        # eval.gallery_chunk = 0: this many eval batches per chunk
+PROBES_ON_DEVICE_MB = 16384       # eval.probes_on_device_mb: larger probe sets stay on host
+RERANK_IN_MEMORY_MB = 2048        # eval.rerank_in_memory_mb: a larger GG goes to disk in blocks
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,8 +67,128 @@ def ranking_summary(metrics: dict) -> dict:
   return out
 
 
+def gallery_chunk(config, num_gallery: int) -> int:
+  """Gallery images per chunk: eval.gallery_chunk (0: GALLERY_CHUNK_BATCHES eval batches)
+  rounded up to a multiple of eval.batch_size, at most the gallery rounded up likewise."""
+  batch_size = config.eval.batch_size
+  chunk = int(config.eval.get("gallery_chunk", 0)) or GALLERY_CHUNK_BATCHES * batch_size
+  return max(batch_size, min(_round_up(chunk, batch_size), _round_up(num_gallery, batch_size)))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_encode_into(model, mesh):
+  """(variables, maps [C, …], images [C / B, B, h, w, 3], i) → maps with rows i·B … (i + 1)·B − 1
+  replaced by the encoding of images[i]; the maps buffer is donated (one buffer per chunk)."""
+  def fn(variables, maps, images, i):
+    new = model.apply(variables, images[i], method="encode").astype(maps.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(maps, new, i * images.shape[1], axis=0)
+  return jax.jit(fn, out_shardings=parallel.replicated(mesh), donate_argnums=1)
+
+
+def encode_chunks(model, variables, split, config, mesh, chunk: int, *, desc="encode"):
+  """Yields (start, maps, valid) for consecutive chunks of `split`: maps is a replicated device
+  array [chunk, …] whose first `valid` rows encode images start … start + valid − 1 (the other
+  rows are finite leftovers). The buffer is reused by the next chunk: read it before asking.
+
+  A background thread decodes the next chunk's images while the devices work on this one; each
+  chunk's images go to the devices in one transfer (batches sharded over the mesh).
+  """
+  batch_size = config.eval.batch_size
+  parallel.check_divisible(batch_size, mesh, "eval.batch_size")
+  if chunk % batch_size:
+    raise ValueError(f"a chunk ({chunk}) must be a multiple of eval.batch_size ({batch_size}).")
+  h, w = config.data.height, config.data.width
+  per_chunk = chunk // batch_size
+  variables = parallel.replicate(variables, mesh)
+  encode = _jitted_encode_into(model, mesh)
+  images_sharding = NamedSharding(mesh, PartitionSpec(None, parallel.AXIS))
+  shape = jax.eval_shape(lambda v, x: model.apply(v, x, method="encode"), variables,
+                         jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.uint8))
+  maps = jax.jit(lambda: jnp.zeros((chunk, *shape.shape[1:]), shape.dtype),
+                 out_shardings=parallel.replicated(mesh))()
+  chunks = _background(_image_chunks(split, config, per_chunk))
+  n = len(split)
+  with tqdm(total=n, desc=desc, leave=False, dynamic_ncols=True, unit="img") as bar:
+    for start, images, valid in chunks:
+      images = parallel.put_global(images, images_sharding)
+      for i in range(-(-valid // batch_size)):
+        maps = encode(variables, maps, images, np.int32(i))
+      yield start, maps, valid
+      bar.update(valid)
+
+
+def _image_chunks(split, config, per_chunk):
+  """(start, uint8 [per_chunk, B, h, w, 3], valid) of `split` in order; missing rows are zero."""
+  images, start, valid, full = None, 0, 0, 0
+  for batch, real in pipeline.eval_batches(split, batch_size=config.eval.batch_size,
+                                           height=config.data.height, width=config.data.width,
+                                           resize=config.data.get("resize", "bicubic"),
+                                           prefetch=per_chunk):
+    if images is None:
+      images = np.zeros((per_chunk, *batch["image"].shape), np.uint8)
+    images[full] = batch["image"]
+    full, valid = full + 1, valid + real
+    if full == per_chunk or start + valid == len(split):
+      yield start, images, valid
+      images, start, valid, full = None, start + valid, 0, 0
+
+
+def _background(iterator, depth: int = 1):
+  """`iterator` run ahead by `depth` items in a daemon thread; its exceptions re-raised here."""
+  items = queue.Queue(maxsize=depth)
+  done = object()
+
+  def work():
+    try:
+      for item in iterator:
+        items.put(item)
+      items.put(done)
+    except BaseException as e:  # handed to the consumer
+      items.put(e)
+
+  threading.Thread(target=work, daemon=True).start()
+  while (item := items.get()) is not done:
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+def streamed_scores(model, variables, probe, split, config, mesh, *, keep_gallery=False,
+                    desc="gallery"):
+  """Scores [P, len(split)] of the `probe` features against every image of `split`, encoded and
+  scored one chunk (`gallery_chunk`) at a time, and the gallery features [G, …] on host when
+  `keep_gallery` (else None). Peak memory: probes + one chunk + the [P, G] scores."""
+  chunk = gallery_chunk(config, len(split))
+  scorer = ChunkScorer(match_fn(model), variables, probe, chunk, tile_p=config.eval.tile_p,
+                       tile_g=config.eval.tile_g, mesh=mesh,
+                       probes_on_device=_fits_device(probe, config))
+  scores = np.empty((len(probe), len(split)), np.float32)
+  kept = []
+  with tqdm(total=scores.size, unit="pair", unit_scale=True, desc=f"{desc}: scoring",
+            leave=False, dynamic_ncols=True) as bar:
+    for start, maps, valid in encode_chunks(model, variables, split, config, mesh, chunk,
+                                            desc=f"{desc}: encoding"):
+      scores[:, start:start + valid] = scorer.score(maps, valid, progress=bar)
+      if keep_gallery:
+        kept.append(parallel.replicated_to_host(maps)[:valid].copy())
+  return scores, (np.concatenate(kept) if keep_gallery else None)
+
+
+def _fits_device(features, config) -> bool:
+  return features.nbytes <= config.eval.get("probes_on_device_mb", PROBES_ON_DEVICE_MB) * 2**20
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
 def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) -> dict:
   """Results of every test set in `config.dataset.test`, each reported separately.
+
+  The query features are extracted once; the gallery is encoded and scored eval.gallery_chunk
+  images at a time (docs/evaluation.md), so no gallery-sized feature array exists unless
+  re-ranking needs one. With `refine` or eval.rescore_top_k, or eval.stream = False, the
+  gallery features are extracted whole first (the in-memory path).
 
   `refine(q, g) → (q', g')`, if given, transforms the extracted query and gallery features of a
   test set before scoring (NFormer's set refinement).
@@ -73,24 +203,34 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
   data_dir = config.dataset.data_dir
   results = {"test": {}, "paper": config.eval.paper.to_dict()}
   retrieval = {}
+  stream = (refine is None and not config.eval.get("rescore_top_k", 0)
+            and config.eval.get("stream", True))
   for name, test_config in datasets.parse_specs(config.dataset.test):
     t0 = time.time()
     query = datasets.load_split(name, "query", data_dir=data_dir, config=test_config)
     gallery = datasets.load_split(name, "gallery", data_dir=data_dir, config=test_config)
     title = name if test_config is None else f"{name}/{test_config}"
     q = extract(model, variables, query, config, mesh, desc=f"{title}: query")
-    g = extract(model, variables, gallery, config, mesh, desc=f"{title}: gallery")
-    if refine is not None:
-      q, g = refine(q, g)
     score = functools.partial(score_matrix, match_fn(model), variables, tile_p=config.eval.tile_p,
                               tile_g=config.eval.tile_g, mesh=mesh, progress=True)
-    if config.eval.get("rescore_top_k", 0):   # only each query's top-k of a first stage
-      score = functools.partial(rescored, model, variables, config.eval)
+    to_dist = functools.partial(score_distance, kind=config.eval.distance)
+    if stream:
+      scores, g = streamed_scores(model, variables, q, gallery, config, mesh,
+                                  keep_gallery=config.eval.rerank, desc=title)
+      self_distances = lambda: (to_dist(score(q, q)),
+                                gallery_distances(model, variables, g, config, mesh))
+    else:
+      g = extract(model, variables, gallery, config, mesh, desc=f"{title}: gallery")
+      if refine is not None:
+        q, g = refine(q, g)
+      if config.eval.get("rescore_top_k", 0):   # only each query's top-k of a first stage
+        score = functools.partial(rescored, model, variables, config.eval)
+      scores = score(q, g)
+      self_distances = lambda: (to_dist(score(q, q)), to_dist(score(g, g)))
     rows, notes = {}, []
     t_row = time.time()
-    for row, similarity in post_processed(config.eval, score(q, g), lambda: (score(q, q),
-                                                                             score(g, g)),
-                                          query, gallery, title, notes):
+    for row, similarity in post_processed(config.eval, scores, self_distances, query, gallery,
+                                          title, notes, block_dir=workdir):
       metrics = evaluate_ranking(similarity, query.pids, gallery.pids, query.cams, gallery.cams,
                                  max_rank=config.eval.max_rank)
       rows[row] = {**ranking_summary(metrics), "seconds": round(time.time() - t_row, 2)}
@@ -99,6 +239,7 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
         retrieval[f"{title}/{row}/indices"], retrieval[f"{title}/{row}/scores"] = indices, values
       del similarity
       t_row = time.time()
+    scores = g = None      # the [P, G] scores and kept gallery features go before the next set
     summary = {**rows["plain"], "seconds": round(time.time() - t0, 2)}
     if len(rows) > 1:
       summary["rows"] = rows
@@ -113,6 +254,34 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
   return results
 
 
+def gallery_distances(model, variables, g, config, mesh):
+  """GG re-ranking distances of the gallery features `g`: a [G, G] array when its float32 size
+  is at most eval.rerank_in_memory_mb, else a function of column blocks for `rerank` (scored
+  against the gallery features kept on the devices, each block once; `rerank` keeps them in an
+  on-disk memmap)."""
+  to_dist = functools.partial(score_distance, kind=config.eval.distance)
+  num_g = len(g)
+  limit = config.eval.get("rerank_in_memory_mb", RERANK_IN_MEMORY_MB) * 2**20
+  if 4 * num_g * num_g <= limit:
+    return to_dist(score_matrix(match_fn(model), variables, g, g, tile_p=config.eval.tile_p,
+                                tile_g=config.eval.tile_g, mesh=mesh, progress=True))
+  scorer = ChunkScorer(match_fn(model), variables, g, gallery_chunk(config, num_g),
+                       tile_p=config.eval.tile_p, tile_g=config.eval.tile_g, mesh=mesh,
+                       probes_on_device=_fits_device(g, config))
+
+  def columns(start, stop):
+    """GG[:, start:stop]ᵀ as distances (every gallery item against items start … stop − 1)."""
+    out = np.empty((stop - start, num_g), np.float32)
+    for c0 in range(start, stop, scorer.chunk):
+      part = g[c0:min(stop, c0 + scorer.chunk)]
+      out[c0 - start:c0 - start + len(part)] = to_dist(
+          scorer.score(scorer.put_chunk(part), len(part))).T
+    return out
+
+  columns.block_columns = scorer.chunk
+  return columns
+
+
 def rescored(model, variables, eval_config, probe, gallery) -> np.ndarray:
   """`scoring.rescore_top_k` with eval.rescore_top_k entries per query re-scored by the matcher,
   after a first stage of −‖p − g‖² on `scoring.global_features`."""
@@ -123,10 +292,13 @@ def rescored(model, variables, eval_config, probe, gallery) -> np.ndarray:
                        tile_g=eval_config.tile_g, progress=True)
 
 
-def post_processed(eval_config, scores, self_scores, query, gallery, title, notes):
+def post_processed(eval_config, scores, self_distances, query, gallery, title, notes,
+                   block_dir=None):
   """Yields (row, similarity [P, G]) for "plain" and each post-processing eval_config enables.
 
-  `self_scores()` gives the (QQ, GG) matcher scores; it is called only for re-ranking. TLift
+  `self_distances()` gives the (QQ, GG) re-ranking distances (`score_distance` of the matcher
+  scores; GG may be a function of column blocks, see `rerank`, whose on-disk blocks go under
+  `block_dir`); it is called only for re-ranking. TLift
   lifts sigmoid(s/10), or 1 - the re-ranked distance; +RR ranks by -distance. A test set
   without times gets a note in `notes` instead of the TLift rows.
   """
@@ -144,10 +316,10 @@ def post_processed(eval_config, scores, self_scores, query, gallery, title, note
   if use_tlift:
     yield "+TLift", lift(expit(scores / 10))
   if eval_config.rerank:
-    qq, gg = self_scores()
-    to_dist = functools.partial(score_distance, kind=eval_config.distance)
-    dist = rerank(to_dist(scores), to_dist(qq), to_dist(gg), k1=eval_config.rerank_k1,
-                  k2=eval_config.rerank_k2, lambda_value=eval_config.rerank_lambda)
+    qq, gg = self_distances()
+    dist = rerank(score_distance(scores, eval_config.distance), qq, gg, k1=eval_config.rerank_k1,
+                  k2=eval_config.rerank_k2, lambda_value=eval_config.rerank_lambda,
+                  block_dir=block_dir, block_columns=getattr(gg, "block_columns", None))
     del qq, gg
     yield "+RR", -dist
     if use_tlift:
@@ -164,6 +336,9 @@ def score_distance(scores, kind="sigmoid"):
 
 
 def write_results(workdir, results: dict) -> Path:
+  """workdir/results.json, replaced whole (a kill mid-write leaves the previous file)."""
   path = Path(workdir) / "results.json"
-  path.write_text(json.dumps(results, indent=2))
+  partial = path.with_name(f".results.json.{os.getpid()}.partial")
+  partial.write_text(json.dumps(results, indent=2))
+  os.replace(partial, path)
   return path

@@ -3,9 +3,12 @@
 Only the first k1 + 1 neighbours of every item, a few sparse weights per item and the query
 rows' Jaccard distances are ever needed, so the (P+G)² matrices of the authors' dense code
 (distances, full argsort, V, query-expanded V) are replaced by a neighbour table, sparse V and
-blocks of rows read from the inputs.
+blocks of rows read from the inputs. GG may also come as a function of column blocks, computed
+in the pass that builds the neighbour table and kept in an on-disk .npy file for the later lookups
+(docs/evaluation.md), so no G² array is ever in memory.
 """
 import functools
+import tempfile
 
 import jax
 import numpy as np
@@ -15,9 +18,12 @@ from scipy import sparse
 _BLOCK_ELEMENTS = 1 << 21
 # (query, gallery) weight pairs per Jaccard step.
 _PAIRS_PER_STEP = 1 << 20
+# Elements of GG asked of a block function at a time (64 MB of float32).
+_FETCH_ELEMENTS = 1 << 24
 
 
-def rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3) -> np.ndarray:
+def rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, *,
+           block_dir=None, block_columns=None) -> np.ndarray:
   """Re-ranked query × gallery distances, float32 [P, G] (lower = more similar).
 
   Computes what the authors' dense `re_ranking` computes, with the distances not squared (see
@@ -33,8 +39,24 @@ def rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3) -> np.nd
   column maxima, the sparse weights (at most (k1 + 1)(round(k1 / 2) + 2) per row, up to k2 times
   that after query expansion) and a few blocks of ~2M floats at a time. The inputs are only read by
   column slices and scattered lookups, so they may be np.memmap arrays.
+
+  `g_g_dist` may instead be a function `gg(start, stop)` → float32 [stop - start, G], the
+  distances GG[:, start:stop]ᵀ of every gallery item to items start..stop-1 (columns of GG). It
+  is called once per block of columns, in order, during the pass that builds the neighbour table
+  and the column maxima; each block is also written (transposed, so a column is one contiguous
+  row) to an .npy file of G² float32 in a temporary directory under `block_dir` (default: the
+  system's), which later lookups read a few rows at a time and which is deleted on return.
+  `block_columns`: columns per call (default: 64 MB of float32 per block).
   """
+  if callable(g_g_dist):
+    with tempfile.TemporaryDirectory(dir=block_dir, prefix="rerank_gg_") as tmp:
+      return _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, tmp, block_columns)
+  return _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, None, None)
+
+
+def _rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value, tmp, block_columns):
   qg, qq, gg, k1, k2 = _check(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value)
+  gg = _Gallery(gg, qg.shape[1], tmp, block_columns)
   num_p, num_g = qg.shape
   n = num_p + num_g
   k = min(k1 + 1, n)
@@ -58,10 +80,12 @@ def rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3) -> np.nd
 
 
 def _check(qg, qq, gg, k1, k2, lambda_value):
-  qg, qq, gg = (x if isinstance(x, np.ndarray) else np.asarray(x) for x in (qg, qq, gg))
-  if qg.ndim != 2 or qq.shape != (len(qg),) * 2 or gg.shape != (qg.shape[1],) * 2:
+  qg, qq = (x if isinstance(x, np.ndarray) else np.asarray(x) for x in (qg, qq))
+  gg = gg if callable(gg) or isinstance(gg, np.ndarray) else np.asarray(gg)
+  gg_shape = (qg.shape[1:] * 2) if callable(gg) else gg.shape
+  if qg.ndim != 2 or qq.shape != (len(qg),) * 2 or gg_shape != (qg.shape[1],) * 2:
     raise ValueError(f"rerank needs q_g_dist [P, G], q_q_dist [P, P], g_g_dist [G, G]; got "
-                     f"{qg.shape}, {qq.shape}, {gg.shape}.")
+                     f"{qg.shape}, {qq.shape}, {gg_shape}.")
   if 0 in qg.shape:
     raise ValueError(f"rerank needs at least one query and one gallery item; got {qg.shape}.")
   if int(k1) != k1 or int(k2) != k2 or k1 < 1 or k2 < 1:
@@ -70,6 +94,61 @@ def _check(qg, qq, gg, k1, k2, lambda_value):
     raise ValueError(f"lambda_value weighs the original distance against the Jaccard distance "
                      f"and must lie in [0, 1]; got {lambda_value}.")
   return qg, qq, gg, int(k1), int(k2)
+
+
+class _Gallery:
+  """GG read by column blocks and by entries: an array [G, G], or a block function whose blocks
+  are appended, as they are first read (in column order), to an .npy file holding GGᵀ (one
+  column per row). The file is written and read with plain file I/O, not mapped, so its pages
+  never count in the process's memory; entry lookups read the contiguous rows they need."""
+
+  def __init__(self, gg, num_g, tmp, block_columns=None):
+    self.fn = gg if callable(gg) else None
+    self.array = None if callable(gg) else gg
+    self.num_g = num_g
+    self.fetch = int(block_columns or max(1, _FETCH_ELEMENTS // num_g))
+    if self.fn is not None:
+      self.path = f"{tmp}/gg_columns.npy"
+      header = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32,
+                                         shape=(num_g, num_g))
+      self.offset = header.offset
+      del header
+      self.cached, self.cache = (0, 0), None
+      self.filled = 0                                           # columns stored so far
+
+  def columns(self, a, b):
+    """GG[:, a:b]ᵀ, float32 [b - a, G]."""
+    if self.fn is None:
+      return np.asarray(self.array[:, a:b], np.float32).T
+    c0, c1 = self.cached
+    if not c0 <= a < b <= c1:
+      if not c0 <= a <= c1 == self.filled:
+        raise RuntimeError(f"rerank reads GG's column blocks in order; asked for {a}..{b} after "
+                           f"{c0}..{c1}.")
+      stop = min(self.num_g, max(b, c1 + self.fetch))
+      block = np.ascontiguousarray(self.fn(c1, stop), np.float32)
+      if block.shape != (stop - c1, self.num_g):
+        raise ValueError(f"g_g_dist({c1}, {stop}) must return [{stop - c1}, {self.num_g}] "
+                         f"(columns {c1}..{stop - 1} of GG, transposed); got {block.shape}.")
+      with open(self.path, "r+b") as f:
+        f.seek(self.offset + 4 * c1 * self.num_g)
+        block.tofile(f)
+      self.filled = stop
+      self.cached = (a, stop)
+      self.cache = np.concatenate([self.cache[a - c0:], block]) if a < c1 else block
+      c0 = a
+    return self.cache[a - c0:b - c0]
+
+  def entries(self, j, i):
+    """GG[j, i] for index arrays j, i (all columns must have been read by `columns`)."""
+    if self.fn is None:
+      return self.array[j, i]
+    if self.filled != self.num_g:
+      raise RuntimeError("rerank read GG entries before every column block was computed.")
+    lo, hi = int(i.min()), int(i.max()) + 1
+    rows = np.fromfile(self.path, np.float32, count=(hi - lo) * self.num_g,
+                       offset=self.offset + 4 * lo * self.num_g).reshape(hi - lo, self.num_g)
+    return rows[i - lo, j]
 
 
 def _spans(n, split, block):
@@ -86,7 +165,7 @@ def _columns(qg, qq, gg, start, stop):
     parts = (qq[:, start:stop].T, qg[start:stop])
   else:
     a, b = start - num_p, stop - num_p
-    parts = (qg[:, a:b].T, gg[:, a:b].T)
+    parts = (qg[:, a:b].T, gg.columns(a, b))
   out = np.concatenate([np.asarray(x, np.float32) for x in parts], axis=1)
   if np.isnan(out).any():
     raise ValueError("rerank's distances contain NaN (a diverged model or a bad score-to-"
@@ -97,6 +176,7 @@ def _columns(qg, qq, gg, start, stop):
 def _neighbours(qg, qq, gg, k):
   """Each row's k nearest (stable order) in the column-normalised, transposed D; column maxima."""
   n = sum(qg.shape)
+  gg = gg if isinstance(gg, _Gallery) else _Gallery(gg, qg.shape[1], None)
   block = max(1, min(_BLOCK_ELEMENTS // n, n))
   ranks = np.empty((n, k), np.int32)
   col_max = np.empty(n, np.float32)
@@ -125,12 +205,15 @@ def _nearest(x, k):
 def _lookup(qg, qq, gg, col_max, i, j):
   """Working-matrix entries D[j, i] / max(D[:, i]) for index arrays i, j (float32)."""
   num_p = len(qg)
+  gg = gg if isinstance(gg, _Gallery) else _Gallery(gg, qg.shape[1], None)
   out = np.empty(len(i), np.float32)
   iq, jq = i < num_p, j < num_p
-  for sel, source, a, b in ((iq & jq, qq, j, i), (~iq & jq, qg, j, i - num_p),
-                            (iq & ~jq, qg, i, j - num_p), (~iq & ~jq, gg, j - num_p, i - num_p)):
+  for sel, source, a, b in ((iq & jq, qq.__getitem__, j, i),
+                            (~iq & jq, qg.__getitem__, j, i - num_p),
+                            (iq & ~jq, qg.__getitem__, i, j - num_p),
+                            (~iq & ~jq, lambda jj_ii: gg.entries(*jj_ii), j - num_p, i - num_p)):
     if sel.any():
-      out[sel] = source[a[sel], b[sel]]
+      out[sel] = source((a[sel], b[sel]))
   return out / col_max[i]
 
 

@@ -202,3 +202,99 @@ def _rescore_tile(match_fn, variables, probe, gallery):
   """probe [tp, …], gallery [tp, tk, …] → [tp, tk]: each probe against its own gallery rows."""
   one = lambda p, g: match_fn(variables, p[None], g)[0].astype(jnp.float32)
   return jax.vmap(one)(probe, gallery)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming: a fixed probe set scored against gallery chunks one at a time (docs/evaluation.md).
+
+
+class ChunkScorer:
+  """Scores [P, valid] of a fixed probe set against gallery chunks of a fixed length.
+
+  The probes are padded once to a multiple of the probe tile (padding repeats the last row)
+  and kept resident on the devices (replicated) when `probes_on_device`, else on host and copied
+  tile by tile. A chunk is a [chunk, …] array (device or host) of which the first `valid` rows
+  are real; rows past `valid` only need to be finite. Tiles are cut inside one jitted function
+  by dynamic slices (the last gallery tile of a chunk is shifted back to stay inside it), so one
+  executable serves every chunk; finished tiles are read back while the next one computes.
+  `match_fn` as for `score_matrix`.
+  """
+
+  def __init__(self, match_fn: MatchFn, variables, probe, chunk: int, *, tile_p: int = 64,
+               tile_g: int = 256, mesh: jax.sharding.Mesh | None = None,
+               probes_on_device: bool = True):
+    probe = _host(probe, "probe")
+    if tile_p < 1 or tile_g < 1 or chunk < 1:
+      raise ValueError(f"tile_p, tile_g and chunk must be >= 1; got {tile_p}, {tile_g}, {chunk}.")
+    self.mesh = _auto_mesh(mesh)
+    self.match_fn, self.chunk, self.num_p = match_fn, chunk, len(probe)
+    n = self.mesh.devices.size
+    self.tp = _round_up(min(tile_p, max(self.num_p, 1)), n)
+    self.tg = min(tile_g, chunk)
+    self.rows = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
+    self.everywhere = NamedSharding(self.mesh, PartitionSpec())
+    self.variables = jax.tree.map(lambda x: _put(x, self.everywhere), variables)
+    padded = _tile(probe, 0, _round_up(self.num_p, self.tp)) if self.num_p else probe
+    self.on_device = probes_on_device
+    self.probes = _put(padded, self.everywhere) if probes_on_device else padded
+    self.shape, self.dtype = probe.shape[1:], probe.dtype
+
+  def put_chunk(self, gallery) -> jax.Array:
+    """A host gallery slice (at most `chunk` rows) → a replicated device chunk of `chunk` rows."""
+    gallery = _host(gallery, "gallery")
+    return _put(_tile(gallery, 0, self.chunk), self.everywhere)
+
+  def score(self, gallery_chunk, valid: int, progress=None) -> np.ndarray:
+    """Scores [P, valid] (float32, host) of the probes against gallery_chunk[:valid]."""
+    if gallery_chunk.shape[0] != self.chunk or not 0 <= valid <= self.chunk:
+      raise ValueError(f"a chunk has {self.chunk} rows and 0..{self.chunk} valid ones; got "
+                       f"{gallery_chunk.shape[0]} rows, {valid} valid.")
+    out = np.empty((self.num_p, valid), np.float32)
+    if self.num_p == 0 or valid == 0:
+      return out
+    if not isinstance(gallery_chunk, jax.Array):
+      gallery_chunk = _put(gallery_chunk, self.everywhere)
+    step = functools.partial(_score_chunk_tile, self.match_fn, self.rows, self.everywhere,
+                             self.tp, self.tg, self.variables)
+    pending = []
+    for g0 in range(0, valid, self.tg):
+      shifted = min(g0, self.chunk - self.tg)   # stays inside the chunk: one tile shape
+      for p0 in range(0, self.num_p, self.tp):
+        if self.on_device:
+          tile = step(self.probes, np.int32(p0), gallery_chunk, np.int32(shifted))
+        else:
+          tile = step(_put(self.probes[p0:p0 + self.tp], self.rows), np.int32(0), gallery_chunk,
+                      np.int32(shifted))
+        pending.append((p0, g0, g0 - shifted, tile))
+        if len(pending) > 1:
+          self._collect(out, valid, *pending.pop(0), progress)
+    while pending:
+      self._collect(out, valid, *pending.pop(0), progress)
+    return out
+
+  def _collect(self, out, valid, p0, g0, skip, tile, progress):
+    tile = replicated_to_host(tile)
+    p1, g1 = min(p0 + self.tp, self.num_p), min(g0 + self.tg, valid)
+    out[p0:p1, g0:g1] = tile[:p1 - p0, skip:skip + g1 - g0]
+    if progress is not None:
+      progress.update((p1 - p0) * (g1 - g0))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _score_chunk_tile(match_fn, rows, everywhere, tp, tg, variables, probes, p0, gallery, g0):
+  """probes[p0:p0 + tp] × gallery[g0:g0 + tg], computed row-sharded, gathered everywhere."""
+  p = jax.lax.with_sharding_constraint(jax.lax.dynamic_slice_in_dim(probes, p0, tp), rows)
+  g = jax.lax.dynamic_slice_in_dim(gallery, g0, tg)
+  s = jax.lax.with_sharding_constraint(match_fn(variables, p, g).astype(jnp.float32), rows)
+  return jax.lax.with_sharding_constraint(s, everywhere)
+
+
+def _auto_mesh(mesh):
+  """`mesh` (default: all devices on "data") with Auto axis types; it must have one axis."""
+  if mesh is None:
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  if len(mesh.axis_names) != 1:
+    raise ValueError(f"mesh must have exactly one axis; got axes {mesh.axis_names}.")
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                           axis_types=(jax.sharding.AxisType.Auto,))

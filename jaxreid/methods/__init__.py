@@ -38,11 +38,13 @@ class Method:
   load: Callable[..., Any] | None = None
 
   def train_and_evaluate(self, config, workdir, mesh=None) -> dict:
-    """Trains `config` in `workdir` (resuming) and evaluates; {} when stopped early."""
-    if self.train is not None:
-      return self.train(config, workdir, mesh)
-    from jaxreid.train.loop import train_and_evaluate
-    return train_and_evaluate(config, workdir, self, mesh)
+    """Trains `config` in `workdir` (resuming) and evaluates; {} when stopped early. The run
+    holds the workdir's lock throughout (a second run on it stops at once)."""
+    from jaxreid.train import loop, preflight
+    with preflight.workdir_lock(workdir):
+      if self.train is not None:
+        return self.train(config, workdir, mesh)
+      return loop.train_and_evaluate(config, workdir, self, mesh)
 
 
 def has_key(keys, fragment: str) -> bool:

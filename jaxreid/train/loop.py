@@ -8,7 +8,9 @@ image model trained by one of its method's objectives; NFormer's stage 2 builds 
 """
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -20,12 +22,13 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxreid import backbones, parallel
-from jaxreid.checkpoint import Checkpointer
+from jaxreid.checkpoint import Checkpointer, has_checkpoint
 from jaxreid.data import datasets, pipeline, samplers
 from jaxreid.eval.evaluator import evaluate_matcher, extract, match_fn, write_results
 from jaxreid.eval.scoring import score_matrix
 from jaxreid.models import init_variables
 from jaxreid.objectives import Objective
+from jaxreid.train import preflight
 from jaxreid.train import schedule as schedules
 from jaxreid.train.optim import make_optimizer
 from jaxreid.train.state import TrainState
@@ -128,21 +131,31 @@ def make_sampler(config, train_split):
   if cls is None:
     raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs', 'pk', 'random' or "
                      "'identity'.")
+  extra = {"pre_epochs": d.get("gs_pre_epochs", 0)} if cls is samplers.GraphSampler else {}
   return cls(train_split.labels, batch_size=d.batch_size, num_instances=d.num_instances,
-             seed=config.seed)
+             seed=config.seed, **extra)
 
 
 def epoch_plan(config, sampler, model, state, train_split, mesh, epoch: int) -> np.ndarray:
-  """The batches of one epoch; the graph sampler first scores one image per class."""
-  if not isinstance(sampler, samplers.GraphSampler):
+  """The batches of one epoch; the graph sampler first scores one image per class (not in its
+  pre-epochs). With `data.gs_rerank` (QAConv-GS v2.0, docs/methods/qaconv.md) the class distance
+  is v2.0's 1 - sigmoid(score / 10), k-reciprocal re-ranked (k1 = 20, k2 = 6, λ = 0.3) as v2.0
+  does; otherwise −score."""
+  if not isinstance(sampler, samplers.GraphSampler) or not sampler.needs_distance(epoch):
     return sampler.epoch_plan(epoch)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   reps = sampler.representatives(epoch)
   maps = extract(model, variables, train_split, config, mesh, indices=reps,
                  desc=f"graph sampler, epoch {epoch + 1}")
-  scores = score_matrix(match_fn(model), variables, maps, maps, tile_p=config.eval.tile_p,
-                        tile_g=config.eval.tile_g, mesh=mesh)
-  return sampler.epoch_plan(epoch, -scores)
+  scores = np.asarray(score_matrix(match_fn(model), variables, maps, maps,
+                                   tile_p=config.eval.tile_p, tile_g=config.eval.tile_g,
+                                   mesh=mesh), np.float32)
+  if not config.data.get("gs_rerank", False):
+    return sampler.epoch_plan(epoch, -scores)
+  with np.errstate(over="ignore"):
+    distance = 1 - 1 / (1 + np.exp(-scores / 10))    # v2.0's pairwise_distance
+  distance[np.isnan(distance)] = 1                   # a NaN score: as far as can be
+  return sampler.epoch_plan(epoch, samplers.rerank_graph_distance(distance))
 
 
 def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainState]:
@@ -175,6 +188,7 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
              start_epoch + 1, start_batch)
   step_fn = parallel.jit_train_step(task.step, task.mesh)
   results = {}
+  signals = SignalGuard()
   first_losses = []   # the first logged loss, the reference of the explosion warning
 
   def data_state_of(epoch, batch, plan):
@@ -185,6 +199,7 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
     return out
 
   try:
+    signals.install()
     for epoch in range(start_epoch, task.epochs):
       if task.schedule is not None and epoch >= task.schedule.final_epochs:
         break
@@ -195,12 +210,14 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
                  desc=f"{prefix}epoch {epoch + 1}/{task.epochs}", leave=False,
                  dynamic_ncols=True)
       t0 = time.time()
+      signals.defer(True)
       for b, batch in enumerate(bar, start=start_batch):
         state, metrics = step_fn(state, parallel.shard_batch(batch, task.mesh))
         loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
         step = int(state.step)
         save_now = step % task.checkpoint_every_steps == 0
         stop_now = task.stop_at_step is not None and step >= task.stop_at_step
+        signalled = signals.received is not None
         if step % task.log_every_steps == 0 or b == len(plan) - 1 or save_now or stop_now:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_divergence(m, step, prefix, log, first_losses)
@@ -211,9 +228,15 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
                             step)
           log.info("%sstep %d/%d epoch %d: %s", prefix, step, total, epoch + 1,
                    " ".join(f"{k}={v:.4f}" for k, v in m.items()))
-        if save_now or stop_now:
+        if save_now or stop_now or signalled:
           data_state = data_state_of(epoch, b + 1, plan)
-          ckpt.save(state, data_state, task.config, force=stop_now)
+          ckpt.save(state, data_state, task.config, force=stop_now or signalled)
+        if signalled:
+          ckpt.wait()
+          log.info("%s%s at step %d; checkpoint saved", prefix, signals.name, step)
+          raise TrainingInterrupted(signals.received, f"{prefix}{signals.name} received: stopped "
+                                    f"at step {step} with a checkpoint; rerun the same command "
+                                    "to resume")
         if stop_now:
           log.info("%sstopped at step %d (stop_at_step); rerun to resume", prefix, step)
           return None, state
@@ -230,6 +253,7 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
                    task.schedule.describe())
       start_batch, plan, loss_sum, loss_count = 0, None, 0.0, 0
       ckpt.save(state, data_state_of(epoch + 1, 0, np.full((1, 1), -1)), task.config, force=True)
+      signals.defer(False)     # raises now for a signal received since the last step
       every = task.eval_every_epochs
       if task.evaluate is not None and (epoch + 1 == last_epoch
                                         or (every and (epoch + 1) % every == 0)):
@@ -240,9 +264,62 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
         ckpt.save_best(state, task.config, next(iter(results["test"].values())))
         log.info("%sepoch %d eval: %s", prefix, epoch + 1, json.dumps(results["test"]))
   finally:
+    signals.uninstall()
     ckpt.wait()
     ckpt.close()
   return results, state
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """SIGTERM or SIGINT stopped the run after saving a checkpoint; rerunning resumes it."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+
+
+class SignalGuard:
+  """SIGTERM and SIGINT during `run`: while deferred (the step loop up to the epoch's
+  checkpoint), the current step ends and `run` saves a checkpoint and raises
+  TrainingInterrupted; elsewhere (the epoch's plan, evaluation) it raises at once, as does a
+  second signal. Only in the main thread (Python delivers signals there)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received, self._previous, self._deferring = None, {}, False
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.received).name
+
+  def install(self) -> None:
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+  def uninstall(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def defer(self, on: bool) -> None:
+    """While on, a first signal only sets `received` (the loop saves and stops after the
+    step); turning it off raises for a signal received meanwhile (checkpoint already saved)."""
+    self._deferring = on
+    if not on and self.received is not None:
+      self.uninstall()
+      raise TrainingInterrupted(self.received, f"{self.name} received: stopped after the "
+                                "epoch's checkpoint; rerun the same command to resume")
+
+  def _handle(self, signum, frame):
+    del frame
+    first = self.received is None
+    self.received = signum
+    if first and self._deferring:
+      return
+    self.uninstall()
+    raise TrainingInterrupted(signum, f"{self.name} received: stopped; rerun the same command "
+                              "to resume from the last checkpoint")
 
 
 class TrainingDiverged(ValueError):
@@ -283,31 +360,35 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
   early by `train.stop_at_step`.
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  log = file_logger(workdir)
-  (workdir / "config.json").write_text(config.to_json(indent=2))
   objective = method.objectives.get(config.train.loss)
   if objective is None:
     raise ValueError(f"train.loss={config.train.loss!r} is not an objective of "
                      f"{method.name}; use one of {sorted(method.objectives)}.")
+  preflight.validate(config, method.kind)
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(config.data.batch_size, mesh, "data.batch_size")
+  parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+  preflight.check_workdir(workdir, config, config.get("method") or method.name)
+  datasets.resolve(config)
   train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir,
                                     manual_dir=config.dataset.manual_dir)
   if "num_classes" in config.model and not config.model.num_classes:
     with config.unlocked():  # the classifier covers the training ids; saved with the config
       config.model.num_classes = train_split.num_classes
-    (workdir / "config.json").write_text(config.to_json(indent=2))
   if "num_images" in config.train and not config.train.num_images:
     with config.unlocked():  # the size of an objective's per-image memory (PAT's part bank)
       config.train.num_images = len(train_split.labels)
-    (workdir / "config.json").write_text(config.to_json(indent=2))
+  workdir.mkdir(parents=True, exist_ok=True)
+  log = file_logger(workdir)
+  (workdir / "config.json").write_text(config.to_json(indent=2))
   model = method.build(config)
   sampler = make_sampler(config, train_split)
   tx = make_optimizer(config.train, sampler.epoch_lengths(config.train.epochs)
                       if hasattr(sampler, "epoch_lengths") else sampler.num_batches)
   state = create_train_state(config, model, tx, objective, train_split.num_classes,
                              jax.random.key(config.seed))
+  if objective.prepare is not None and not has_checkpoint(workdir):
+    state = objective.prepare(config, state, train_split, mesh, log)
   d, t = config.data, config.train
 
   def batches(plan, epoch, start_batch):

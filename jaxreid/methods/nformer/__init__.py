@@ -23,4 +23,4 @@ def _evaluate(config, checkpoint, workdir=None, mesh=None):
 
 METHOD = dataclasses.replace(
     STAGE1, convert=None, detect=convert.detect, train=_train, evaluate=_evaluate,
-    load=refine.load_nformer, describe=lambda m: f"pooling gap, NFormer stage 2")
+    load=refine.load_nformer, describe=lambda m: "pooling gap, NFormer stage 2")

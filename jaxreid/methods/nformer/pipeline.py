@@ -12,6 +12,7 @@ results.json holds both stages.
 """
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from jaxreid.methods.nformer.objective import (SETS, create_state, make_optimize
                                                set_shape, steps_per_epoch)
 from jaxreid.nn.norms import l2_normalize
 from jaxreid.train import loop
+from jaxreid.train.state import TrainState
 
 def resolve(config) -> ml_collections.ConfigDict:
   """A copy of `config` with nformer.dim (0 → model.embed_dim) filled in."""
@@ -41,7 +43,7 @@ def resolve(config) -> ml_collections.ConfigDict:
 
 
 def train_stage2(config, features: np.ndarray | None, labels: np.ndarray, num_classes: int,
-                 workdir, log=None, extract_view=None) -> tuple[dict, "TrainState"]:
+                 workdir, log=None, extract_view=None) -> tuple[dict, TrainState]:
   """Trains the NFormer head of `config` (resolved, see `resolve`) on cached train `features`
   [N, d], or [V, N, d] (V views, e.g. augmented extractions: epoch e uses view e mod V), with
   `labels` (0..num_classes-1), through the training loop, resuming from
@@ -172,8 +174,13 @@ def train_features(config, nf, model, variables, mesh, workdir: Path, step: int)
   views = int(nf.get("train_views", 0))
   path = workdir / STAGE2_DIR / f"train_features_{step}_{views}.npz"
   if path.exists():
-    features = np.load(path)["features"]
-    if features.shape[-2] == len(split):
+    try:
+      with np.load(path) as cache:
+        features = cache["features"]
+    except Exception as e:  # noqa: BLE001 - truncated or damaged (zipfile errors): extract again
+      logging.getLogger(__name__).warning("%s cannot be read (%s); extracting again", path, e)
+      features = None
+    if features is not None and features.shape[-2] == len(split):
       return features, split.labels, split.num_classes
   if views:
     features = np.stack([augmented_features(config, model, variables, split, mesh, v)
@@ -181,9 +188,12 @@ def train_features(config, nf, model, variables, mesh, workdir: Path, step: int)
                                        leave=False)])
   else:
     features = extract(model, variables, split, config, mesh, desc="nformer: train features")
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:      # written whole or not at all: a kill leaves no half file
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, features=features)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(partial, "wb") as f:
+      np.savez(f, features=features)
+    os.replace(partial, path)
   return features, split.labels, split.num_classes
 
 
@@ -205,7 +215,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
   t1 = time.time()
   config = resolve(config)
   log = loop.file_logger(workdir)
-  extract_view, extraction_seconds = None, []
+  extraction_seconds = []
   if config.nformer.get("extract_every_epoch", False):
     # Official: before every NFormer epoch, the train split through the augmenting train
     # transform, CNN in eval mode, not normalised (nformer.normalize_train).
@@ -221,6 +231,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
                extraction_seconds[-1])
       return out
   else:
+    extract_view = None
     features, labels, num_classes = train_features(s1_config, config.nformer, model, variables,
                                                    mesh, workdir, int(stage1.get("step", 0)))
   with config.unlocked():

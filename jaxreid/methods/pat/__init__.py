@@ -21,7 +21,8 @@ def build(config) -> model.PATModel:
                      f"data.height × width = {d.height}×{d.width} (the position grid's input).")
   vit = backbones.get(m).build(m, models.compute_dtype(config))
   encoder = model.PATEncoder(vit, m.get("input_norm", "half"),
-                             bool(m.get("random_test_masks", False)))
+                             bool(m.get("random_test_masks", False)),
+                             int(m.get("test_mask_seed", 0)))
   return model.PATModel(encoder=encoder, head=models.EmbeddingHead(None, 0, int(m.get("num_classes", 0))))
 
 

@@ -12,10 +12,12 @@ Regions are horizontal bands of the h × w grid: rows [0, h/2], [h/4, h/4 + h/2]
 sub-rectangle of its band, drawn once per step for the whole batch (the official
 `generate_2d_mask`: two distinct row bounds t < b from the band's h/2 + 1 bounds, two distinct
 column bounds l < r from the w + 1 bounds, rows t…b and columns l…r inclusive, clipped to the
-grid); in evaluation the full band (deterministic), or random bands with `random_test_masks`.
+grid); in evaluation the full band (deterministic), or with `random_test_masks` a random
+sub-rectangle per batch as in training (the official forward draws one mask per call, in
+evaluation too). Its key is the "mask" rng when the caller gives one, else `test_mask_seed`
+folded with a hash of the batch's pixels: each batch gets its own draw, and a run is
+reproducible.
 """
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,15 @@ def random_rectangles(rng, h: int, w: int) -> jax.Array:
     cols = jnp.sort(jax.random.choice(kc, jnp.arange(left, right + 1), (2,), replace=False))
     out.append(jnp.concatenate([rows, cols]))
   return jnp.stack(out).astype(jnp.int32)
+
+
+def batch_key(seed: int, images) -> jax.Array:
+  """A key of `seed` and the pixels of `images`: different batches (almost surely) get
+  different keys, the same batch always the same one."""
+  x = jax.lax.bitcast_convert_type(jnp.asarray(images).astype(jnp.float32), jnp.uint32)
+  x = x.reshape(-1)
+  weights = jnp.arange(x.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+  return jax.random.fold_in(jax.random.key(seed), jnp.sum(x * weights, dtype=jnp.uint32))
 
 
 def part_mask(rects, h: int, w: int) -> jax.Array:
@@ -86,12 +97,15 @@ class PATEncoder(nn.Module):
     vb = self.backbone
     h = (x.shape[1] - vb.patch) // vb.stride + 1
     w = (x.shape[2] - vb.patch) // vb.stride + 1
-    if train or self.random_test_masks:
-      rng = (self.make_rng("mask") if self.has_rng("mask")
-             else jax.random.key(self.test_mask_seed))
-      rects = random_rectangles(rng, h, w)
+    if self.has_rng("mask") and (train or self.random_test_masks):
+      rects = random_rectangles(self.make_rng("mask"), h, w)
+    elif train:
+      rects = random_rectangles(jax.random.key(self.test_mask_seed), h, w)
+    elif self.random_test_masks:
+      rects = random_rectangles(batch_key(self.test_mask_seed, images), h, w)
     else:
       rects = jnp.asarray(bands(h, w))
+    self.sow("intermediates", "part_regions", rects)
     return vb.tokens(x.astype(vb.dtype), train, part_mask(rects, h, w))
 
 

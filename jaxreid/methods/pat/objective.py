@@ -8,8 +8,9 @@ The memory bank (train state `memory`): bank [3, num_images, D] of detached last
 tokens, `filled` [num_images] and `labels` [num_images]. Each step first updates the slots of the
 batch's images (an image's first visit stores its feature, later visits blend it with momentum
 `pat.memory_momentum`: w ← (1 − m)·w + m·f, in batch order), then computes the loss against the
-updated bank, as the official trainer does. Slots not yet filled take no part in the loss (the
-official trainer fills the whole bank in a pass before training; here the first epoch fills it).
+updated bank, as the official trainer does. Slots not yet filled take no part in the loss. With
+`pat.prefill` (official) the bank starts from a pass of the initial model over one epoch of the
+training loader (`prefill.py`); without it, the first epoch fills it.
 """
 import jax
 import jax.numpy as jnp
@@ -142,4 +143,12 @@ def _keep_updated(memory, aux, batch, train_cfg):
   return aux      # the bank as updated before the loss, in the same step
 
 
-PAT = Objective(_loss, _init_memory, _keep_updated)
+def _prepare(config, state, split, mesh, log):
+  """With train.pat.prefill, a fresh run starts from the official pre-filled part memory."""
+  if not config.train.pat.get("prefill", False):
+    return state
+  from jaxreid.methods.pat import prefill   # the data pipeline only when training
+  return prefill.prepare(config, state, split, mesh, log)
+
+
+PAT = Objective(_loss, _init_memory, _keep_updated, _prepare)

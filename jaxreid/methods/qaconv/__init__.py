@@ -26,4 +26,4 @@ METHOD = Method(
                 "triplet": objectives.PAIRWISE_TRIPLET},
     convert=convert.qaconv_from_official, detect=convert.detect,
     export=convert.qaconv_to_official, correspondences=correspondences,
-    describe=lambda m: f"head {m.head}")
+    describe=lambda m: f"head {m.head}" + (", neck BN" if m.get("neck_bn", False) else ""))

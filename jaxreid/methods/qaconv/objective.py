@@ -1,6 +1,7 @@
 """QAConv's class-memory objective (ECCV 2020; docs/methods/qaconv.md): one feature map per
 training class, hard-overwritten after each step with the class's latest (detached) map; every
-sample is scored against all memories and trained with a focal-weighted BCE.
+sample is scored against all memories and trained with a focal-weighted BCE, summed over the
+filled memories (`train.memory_mask_invalid`, default) or over all of them (v1.0-eccv).
 
 The in-batch objectives (QAConv-GS: pairwise BCE, triplet) are the shared ones of
 `jaxreid.objectives`.
@@ -34,8 +35,9 @@ def overwrite(memory: dict, features, labels) -> dict:
 def focal_memory_loss(logits, labels, valid, gamma: float = 2.0):
   """QAConv class-memory loss: focal-weighted BCE of each sample against every class memory.
 
-  logits [B, C] against the memories, labels [B], valid [C] (classes whose memory is filled).
-  Summed over valid classes, averaged over the batch.
+  logits [B, C] against the memories, labels [B], valid [C] (the classes summed over: those
+  whose memory is filled, or all of them for v1.0-eccv's unmasked sum). Summed over the valid
+  classes, averaged over the batch.
   """
   targets = labels[:, None] == jnp.arange(logits.shape[1])[None, :]
   bce = optax.sigmoid_binary_cross_entropy(logits, targets.astype(logits.dtype))
@@ -47,6 +49,8 @@ def focal_memory_loss(logits, labels, valid, gamma: float = 2.0):
 def _memory_loss(model, variables, state, batch, train_cfg):
   maps, variables = encode_for_training(model, variables, batch["image"])
   labels, valid = batch["label"], state.memory["valid"]
+  if not train_cfg.get("memory_mask_invalid", True):
+    valid = jnp.ones_like(valid)   # v1.0-eccv: every class, unfilled (zero) memories included
   gallery = jax.lax.stop_gradient(state.memory["features"])
   logits, upd = model.apply(variables, maps, gallery, train=True, method="match",
                             mutable=["batch_stats"])

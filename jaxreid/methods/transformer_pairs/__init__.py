@@ -17,7 +17,8 @@ def build_cat(config) -> models.PairwiseModel:
   fields = models.encoder_fields(config)
   encoder = models.FeatureMapEncoder(**fields, normalize=m.get("normalize", False))
   matcher = model.TransformerCat(h, w, num_layers=m.num_layers, heads=m.heads, ffn=m.ffn,
-                                 pos_embed=m.pos_embed, dtype=fields["dtype"])
+                                 pos_embed=m.pos_embed, dtype=fields["dtype"],
+                                 encoder_init=m.get("encoder_init", "xavier"))
   return models.PairwiseModel(encoder=encoder, matcher=matcher)
 
 
@@ -30,7 +31,8 @@ def build_cross(config) -> models.PairwiseModel:
   encoder = model.ProbeMemoryEncoder(**fields, normalize=m.get("normalize", False),
                                      num_layers=m.num_layers + 1, encoders=m.num_layers,
                                      heads=m.heads, ffn=m.ffn, pos_embed=m.pos_embed,
-                                     map_dtype=jnp.dtype(m.get("map_dtype", "float32")))
+                                     map_dtype=jnp.dtype(m.get("map_dtype", "float32")),
+                                     encoder_init=m.get("encoder_init", "xavier"))
   matcher = model.TransformerCross(h, w, num_layers=m.num_layers, heads=m.heads, ffn=m.ffn,
                                    readout=m.get("readout", "mean"), dtype=fields["dtype"])
   return models.PairwiseModel(encoder=encoder, matcher=matcher)

@@ -55,6 +55,7 @@ class TransformerCat(nn.Module):
   ffn: int = 512
   pos_embed: bool = True
   dtype: Any = jnp.float32
+  encoder_init: str = "xavier"     # "torch": PyTorch's init, every layer a copy of one
 
   @nn.compact
   def __call__(self, probe, gallery, train: bool = False):
@@ -73,8 +74,12 @@ class TransformerCat(nn.Module):
                          jnp.broadcast_to(p[:, None], (num_p, num_g, s, d)),
                          jnp.broadcast_to(g[None], (num_p, num_g, s, d))], axis=2)
     x = x.reshape(num_p * num_g, 2 * s + 1, d)
+    shared_key = None     # "torch": one key for every layer, so they start identical
+    if self.encoder_init == "torch" and self.is_initializing():
+      shared_key = self.make_rng("params")
     for i in range(self.num_layers):
-      x = TransformerEncoderLayer(self.heads, self.ffn, self.dtype, name=f"layers_{i}")(x)
+      x = TransformerEncoderLayer(self.heads, self.ffn, self.dtype, init_style=self.encoder_init,
+                                  init_key=shared_key, name=f"layers_{i}")(x)
     return _readout(x[:, 0].reshape(num_p, num_g, d), train)
 
 

@@ -2,7 +2,6 @@
 the vanilla Transformer's learned-query decoder (TransMatcher paper Table 2), and their configs
 build, train one step and keep the TransMatcher budget."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import transmatcher, vanilla_transformer, vit

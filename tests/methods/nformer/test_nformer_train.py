@@ -1,7 +1,6 @@
 """NFormer stage 2: set sampling, the refine path (query masking, determinism), training that
 learns and resumes, and evaluation with refinement through `evaluate_matcher`."""
 import jax
-import ml_collections
 import numpy as np
 import pytest
 

@@ -19,6 +19,10 @@ def test_paper_settings(setting):
   assert (c.model.vit_dim, c.model.vit_depth, c.model.vit_heads, c.model.stride_size) == (
       768, 12, 12, 16)
   assert (c.model.input_height, c.model.input_width) == (256, 128) and c.model.freeze_patch_embed
+  # the official loader's RandomIdentitySampler; the bank pre-filled over one pass of it;
+  # deterministic full-band test masks unless asked
+  assert c.data.sampler == "identity" and (c.data.batch_size, c.data.num_instances) == (64, 4)
+  assert c.train.pat.prefill and not c.model.random_test_masks
   c.model.num_classes = 10
   shapes = jax.eval_shape(registry.build_model(c).init, jax.random.key(0),
                           np.zeros((1, 256, 128, 3), np.uint8))

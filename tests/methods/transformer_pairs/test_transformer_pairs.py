@@ -13,7 +13,7 @@ from jaxreid.backbones.resnet import ResNet
 from jaxreid.models import FeatureMapEncoder
 from jaxreid.registry import build_model
 from numpy_transformer import (D_MODEL, EPS, FFN, H, HEADS, N, S, W, decoder_layer, encoder_layer,
-                               f64, layer_norm, linear, rand, randomized)
+                               f64, linear, rand, randomized)
 
 RESNET18 = ResNet(depth=18, ibn="b", width=8)   # the encoder backbone of these tests
 
