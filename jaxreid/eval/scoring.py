@@ -43,14 +43,7 @@ def score_matrix(match_fn: MatchFn, variables, probe, gallery, *, tile_p: int = 
   num_p, num_g = len(probe), len(gallery)
   if tile_p < 1 or tile_g < 1:
     raise ValueError(f"tile_p and tile_g must be >= 1; got {tile_p} and {tile_g}.")
-  if mesh is None:
-    mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-  if len(mesh.axis_names) != 1:
-    raise ValueError(f"mesh must have exactly one axis; got axes {mesh.axis_names}.")
-  # Only the devices and the axis name are used; Auto axes allow sharding constraints.
-  mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = _auto_mesh(mesh)
   scores = np.empty((num_p, num_g), np.float32)
   if num_p == 0 or num_g == 0:
     return scores
@@ -290,7 +283,8 @@ def _score_chunk_tile(match_fn, rows, everywhere, tp, tg, variables, probes, p0,
 
 
 def _auto_mesh(mesh):
-  """`mesh` (default: all devices on "data") with Auto axis types; it must have one axis."""
+  """`mesh` (default: all devices on "data") with Auto axis types, which allow sharding
+  constraints (only its devices and axis name are used); it must have one axis."""
   if mesh is None:
     mesh = jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreid import backbones, models
 from jaxreid.models import INPUT_NORMS, to_unit_range
 from jaxreid.nn.norms import cosine_similarity, l2_normalize
 
@@ -131,3 +132,22 @@ class PATModel(nn.Module):
 
   def __call__(self, images, train: bool = False):
     return self.encode(images, train)
+
+
+def build(config) -> "PATModel":
+  """The PAT model of config.model for config.data.height × width."""
+  m = config.model
+  if m.get("backbone") != "vit":
+    raise ValueError(f"PAT runs on a ViT: set model.backbone='vit' (got {m.get('backbone')!r}).")
+  if int(m.get("part_tokens", 0)) != NUM_PARTS:
+    raise ValueError(f"PAT has {NUM_PARTS} part tokens: set model.part_tokens={NUM_PARTS}.")
+  d = config.data
+  size = (int(m.get("input_height", d.height)), int(m.get("input_width", d.width)))
+  if size != (d.height, d.width):
+    raise ValueError(f"model.input_height × input_width = {size[0]}×{size[1]} must equal "
+                     f"data.height × width = {d.height}×{d.width} (the position grid's input).")
+  vit = backbones.get(m).build(m, models.compute_dtype(config))
+  encoder = PATEncoder(vit, m.get("input_norm", "half"), bool(m.get("random_test_masks", False)),
+                       int(m.get("test_mask_seed", 0)))
+  head = models.EmbeddingHead(None, 0, int(m.get("num_classes", 0)))
+  return PATModel(encoder=encoder, head=head)

@@ -143,12 +143,4 @@ def _keep_updated(memory, aux, batch, train_cfg):
   return aux      # the bank as updated before the loss, in the same step
 
 
-def _prepare(config, state, split, mesh, log):
-  """With train.pat.prefill, a fresh run starts from the official pre-filled part memory."""
-  if not config.train.pat.get("prefill", False):
-    return state
-  from jaxreid.methods.pat import prefill   # the data pipeline only when training
-  return prefill.prepare(config, state, split, mesh, log)
-
-
-PAT = Objective(_loss, _init_memory, _keep_updated, _prepare)
+PAT = Objective(_loss, _init_memory, _keep_updated)   # the method adds `prepare` (pre-fill)

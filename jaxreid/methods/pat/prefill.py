@@ -4,7 +4,7 @@ Before epoch 1 the official trainer runs the initial model (ImageNet weights, tr
 part regions per batch and drop path; no autocast, so float32; no gradients) over one pass of the
 training loader (its sampler and training augmentation) and stores every visited image's
 last-layer part tokens in the bank with the bank's own update rule (first visit stores, a repeated
-image is blended with momentum). `train.pat.prefill` turns this on (`objective.PAT.prepare`);
+image is blended with momentum). `train.pat.prefill` turns this on (the PAT objective's `prepare`, set in `__init__`);
 training then starts from that bank. A resumed run takes its bank from the checkpoint.
 
 The pass draws its own batches: the training sampler and augmentation under the seed
@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from jaxreid import parallel
 from jaxreid.data import pipeline
-from jaxreid.methods.pat import objective
+from jaxreid.methods.pat.objective import PAT, update_bank
+from jaxreid.methods.pat.model import build
 from jaxreid.train import loop
 
 PREFILL_SEED = 7907
@@ -45,7 +46,7 @@ def fill_bank(model, variables, memory: dict, split, plan: np.ndarray, *, seed: 
   def step(variables, memory, batch, rngs):
     (_, parts, _), _ = model.apply(variables, batch["image"], method="train_outputs",
                                    mutable=["batch_stats"], rngs=rngs)
-    return objective.update_bank(memory, parts, batch["index"], batch["label"], momentum)
+    return update_bank(memory, parts, batch["index"], batch["label"], momentum)
 
   fn = jax.jit(step, in_shardings=(rep, rep, data, rep), out_shardings=rep, donate_argnums=1)
   variables = parallel.replicate(variables, mesh)
@@ -64,13 +65,12 @@ def fill_bank(model, variables, memory: dict, split, plan: np.ndarray, *, seed: 
 def prefilled_memory(config, split, mesh, state=None) -> dict:
   """The bank after the official pre-fill pass of `config`'s initial model: `state` (default:
   the train state the training loop starts from, same seed and model.pretrained)."""
-  from jaxreid.methods.pat import build
   c = ml_collections.ConfigDict(config.to_dict())
   c.train.bf16 = False                # the official pass runs outside autocast
   c.seed = int(config.seed) + PREFILL_SEED
   model = build(c)
   if state is None:
-    state = loop.create_train_state(config, build(config), optax.identity(), objective.PAT,
+    state = loop.create_train_state(config, build(config), optax.identity(), PAT,
                                     split.num_classes, jax.random.key(config.seed))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   sampler = loop.make_sampler(c, split)
@@ -83,7 +83,7 @@ def prefilled_memory(config, split, mesh, state=None) -> dict:
 
 
 def prepare(config, state, split, mesh, log):
-  """`objective.PAT.prepare`: `state` with the pre-filled bank (a run that does not resume)."""
+  """The PAT objective's `prepare`: `state` with the pre-filled bank (a run that does not resume)."""
   t0 = time.time()
   memory = prefilled_memory(config, split, mesh, state)
   log.info("PAT: part memory bank pre-filled with %d of %d training images in %.1f s",
