@@ -115,13 +115,12 @@ def jax_scorer(args, weights):
   return (lambda v, p, g: module.apply(v, p, g)), variables
 
 
-def official_scores(probe, gallery, weights, args):
-  """The official QAConv module with `weights`, called as the official evaluator calls it."""
+def official_matcher(folder, weights, args):
+  """The official QAConv module (`folder`/qaconv.py) holding `weights`, in eval mode."""
   import importlib.util
   import torch
-  torch.set_grad_enabled(False)
   spec = importlib.util.spec_from_file_location(
-      "official_qaconv", pathlib.Path(args.official).expanduser() / "qaconv.py")
+      "official_qaconv", pathlib.Path(folder).expanduser() / "qaconv.py")
   official = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(official)
   matcher = official.QAConv(args.dim, args.height, args.width)
@@ -133,7 +132,14 @@ def official_scores(probe, gallery, weights, args):
   state["fc.bias"] = one(weights["fc_bias"])
   missing, unexpected = matcher.load_state_dict(state, strict=False)
   assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
-  matcher.eval()
+  return matcher.eval()
+
+
+def official_scores(probe, gallery, weights, args):
+  """The official QAConv module with `weights`, called as the official evaluator calls it."""
+  import torch
+  torch.set_grad_enabled(False)
+  matcher = official_matcher(args.official, weights, args)
   nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   prob, gal = nchw(probe), nchw(gallery)
   score = torch.zeros(len(probe), len(gallery))

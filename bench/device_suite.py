@@ -4,16 +4,23 @@ evaluators' logic on the same device and appends one JSON line per measurement t
 Sections (`--only` picks some):
   qaconv        QAConv scoring, 24×8 maps, d = 128: jaxreid float32 / bfloat16 (streaming
                 ChunkScorer, probes resident) vs the QAConv v2.1 evaluator's logic in PyTorch
-                (the matcher on 128 × 128 tiles, fp16 on a GPU); pairs/s, fraction of bf16 peak.
+                (the matcher on 128 × 128 tiles, fp16 on a GPU) and, with --official, the
+                official QAConv module driven the same way; pairs/s, fraction of bf16 peak.
   transmatcher  TransMatcher scoring (d 512, D 2048, N 3): jaxreid float32 / bfloat16 vs the
                 PyTorch decoder of bench_transmatcher_scoring.py (float32, and fp16 autocast on
-                a GPU).
+                a GPU) and, with --official, the official TransMatcher module driven as its
+                evaluator drives it (make_kernel on 256 probes, gallery batches of 256).
   train         training-step throughput of the QAConv-GS paper setting (ResNet-50-IBN-b,
-                384×128, batch 64, bfloat16), random weights and images.
+                384×128, batch 64, bfloat16), random weights and images, vs the official v2.1
+                step transcribed in PyTorch (bench/torch_qaconv_gs_step.py; fp16 AMP on a GPU).
   msmt_eval     the full MSMT17-size QAConv evaluation (11,659 × 82,161) with random weights on
                 random images: query extraction, scoring alone (every gallery chunk's tiles
                 against all probes), the streamed evaluation (gallery encoding + scoring
                 overlapped) and the metrics, timed separately.
+  memory        streamed evaluation at Market and MSMT17 size for QAConv-GS, TransMatcher and KPM
+                (paper settings, random weights and images): every query extracted, then gallery
+                chunks encoded and scored for --memory-seconds; host RSS, device memory in use
+                and peak, the sizes of probes / chunk / score matrix, the projected scoring time.
   nformer       NFormer refinement of N = 93,820 features.
   kpm           KPM scoring at paper size.
   pat           PAT encoding (ViT-B/16, 256×128).
@@ -23,6 +30,7 @@ suite does that); `--scale` multiplies the pair and image counts. Every record h
 "name", "device", "backend" and its measurements (seconds, pairs/s, images/s).
 
   python bench/device_suite.py --out device.jsonl               # full size, on a GPU
+  python bench/device_suite.py --official ~/src/QAConv --out device.jsonl   # + official modules
   python bench/device_suite.py --tiny --out /tmp/suite.jsonl    # smoke run on a CPU
 """
 import argparse
@@ -41,8 +49,9 @@ for path in (str(REPO), str(HERE)):
   if path not in sys.path:
     sys.path.insert(0, path)
 
-SECTIONS = ("qaconv", "transmatcher", "train", "msmt_eval", "nformer", "kpm", "pat")
+SECTIONS = ("qaconv", "transmatcher", "train", "msmt_eval", "memory", "nformer", "kpm", "pat")
 MSMT_QUERIES, MSMT_GALLERY, MSMT_IDS, MSMT_CAMS = 11659, 82161, 3060, 15
+SET_SIZES = {"market": (3368, 15913), "msmt17": (MSMT_QUERIES, MSMT_GALLERY)}
 
 
 def parse_args(argv=None):
@@ -54,11 +63,20 @@ def parse_args(argv=None):
   parser.add_argument("--peak-tflops", "--peak_tflops", type=float, default=989.0,
                       help="the device's dense bf16 peak (H200: 989)")
   parser.add_argument("--reps", type=int, default=2, help="timed repetitions (best is kept)")
+  parser.add_argument("--memory-seconds", type=float, default=8.0,
+                      help="gallery streaming time per memory case")
+  parser.add_argument("--memory-sizes", default=",".join(SET_SIZES),
+                      help="comma-separated set sizes of the memory section")
+  parser.add_argument("--official", help="a ShengcaiLiao/QAConv checkout (or the QAConv folder "
+                      "of ShengcaiLiao/TransMatcher): its reid/models/qaconv.py and "
+                      "projects/transmatcher/transmatcher.py become the scoring baselines")
   args = parser.parse_args(argv)
   args.only = [s for s in args.only.split(",") if s]
   unknown = set(args.only) - set(SECTIONS)
   if unknown:
     parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+  if not set(args.memory_sizes.split(",")) <= set(SET_SIZES):
+    parser.error(f"--memory-sizes takes a comma-separated subset of {', '.join(SET_SIZES)}")
   return args
 
 
@@ -197,14 +215,47 @@ def section_qaconv(args, record):
              first_s=float(first), wall_s=float(best), **rate(best))
   device = torch_device()
   tdtype = torch.float16 if device == "cuda" else torch.float32
-  run = qaconv_official_torch(probe, gallery, weights, device, tdtype)
-  first, best, out = timed(run, args.reps)
-  official = out.float().cpu().numpy()
   ours = results[("float32",) + tiles[0]]
-  record("qaconv", "official_v2.1_logic_torch", **base, dtype=str(tdtype).split(".")[-1],
-         torch_device=device, tile=128, first_s=float(first), wall_s=float(best),
-         **rate(best), max_abs_diff_vs_jaxreid_f32=float(np.abs(official - ours).max()),
-         max_abs_score=float(np.abs(ours).max()))
+  baselines = [("official_v2.1_logic_torch",
+                qaconv_official_torch(probe, gallery, weights, device, tdtype))]
+  if args.official:
+    baselines.append(("official_qaconv_module", official_qaconv_run(
+        args.official, probe, gallery, weights, ns, device, tdtype)))
+  for name, run in baselines:
+    first, best, out = timed(run, args.reps)
+    official = out.float().cpu().numpy()
+    record("qaconv", name, **base, dtype=str(tdtype).split(".")[-1], torch_device=device,
+           tile=128, first_s=float(first), wall_s=float(best), **rate(best),
+           max_abs_diff_vs_jaxreid_f32=float(np.abs(official - ours).max()),
+           max_abs_score=float(np.abs(ours).max()))
+
+
+def official_qaconv_run(root, probe, gallery, weights, ns, device, dtype, tile=128):
+  """The official QAConv module driven as the official evaluator's `pairwise_distance`:
+  probe × gallery tiles of 128 × 128 maps in `dtype` (the evaluator halves model and matcher on
+  a GPU), scores kept in `dtype`. Both module versions: v2.1's make_kernel(probes) +
+  forward(gallery), and the later forward(probes, gallery)."""
+  import torch
+  import bench_qaconv_scoring as bq
+  matcher = bq.official_matcher(pathlib.Path(root) / "reid" / "models", weights, ns)
+  matcher = matcher.to(device, dtype)
+  nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device,
+                                                                                       dtype)
+  prob, gal = nchw(probe), nchw(gallery)
+
+  def run():
+    with torch.inference_mode():
+      out = torch.zeros(len(prob), len(gal), dtype=dtype, device=device)
+      for i in range(0, len(prob), tile):
+        if hasattr(matcher, "make_kernel"):
+          matcher.make_kernel(prob[i:i + tile])
+          match = matcher
+        else:
+          match = lambda g, p=prob[i:i + tile]: matcher(p, g)
+        for k in range(0, len(gal), tile):
+          out[i:i + tile, k:k + tile] = match(gal[k:k + tile])
+      return out
+  return run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,6 +301,34 @@ def section_transmatcher(args, record):
            chunk=ns.torch_chunk, first_s=float(first), wall_s=float(best),
            pairs_per_s=float(pairs / best),
            max_abs_diff_vs_jaxreid_f32=float(np.abs(out - ours["float32"]).max()))
+  if args.official:
+    run = official_transmatcher_run(args.official, probe, gallery, variables, ns, device)
+    first, best, out = timed(run, args.reps)
+    record("transmatcher", "official_transmatcher_module", **base, torch_device=device,
+           dtype="float32", prob_batch=256, gal_batch=256, first_s=float(first),
+           wall_s=float(best), pairs_per_s=float(pairs / best),
+           max_abs_diff_vs_jaxreid_f32=float(np.abs(out.cpu().numpy() - ours["float32"]).max()))
+
+
+def official_transmatcher_run(root, probe, gallery, variables, ns, device, batch=256):
+  """The official TransMatcher module driven as its evaluator's `evaluate` drives it:
+  make_kernel on probe batches of test_prob_batch = 256, the matcher on gallery batches of
+  test_fea_batch = 256, float32."""
+  import torch
+  import bench_transmatcher_scoring as bt
+  folder = pathlib.Path(root) / "projects" / "transmatcher"
+  matcher = bt.official_matcher(folder, variables, ns).to(device)
+  prob, gal = bt.official_maps(probe, ns).to(device), bt.official_maps(gallery, ns).to(device)
+
+  def run():
+    with torch.no_grad():
+      out = torch.zeros(len(prob), len(gal), device=device)
+      for i in range(0, len(prob), batch):
+        matcher.make_kernel(prob[i:i + batch])
+        for k in range(0, len(gal), batch):
+          out[i:i + batch, k:k + batch] = matcher(gal[k:k + batch])
+      return out
+  return run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,6 +376,17 @@ def section_train(args, record):
          wall_s=float(best), images_per_s=float(steps * batch_size / best),
          step_ms=float(1000 * best / steps), loss=float(loss),
          device_peak_mb=device_peak_mb())
+  import torch_qaconv_gs_step as tq
+  m = config.model
+  device = torch_device()
+  torch_run = tq.measure(depth=m.depth, width=m.width, neck=m.neck, height=config.data.height,
+                         width_px=config.data.width, batch=batch_size, device=device, amp=True,
+                         steps=steps)
+  record("train", "official_v2.1_step_torch", setting="qaconv_gs:market", batch=batch_size,
+         input=[config.data.height, config.data.width], torch_device=device,
+         amp="float16" if device == "cuda" else "off", clip_value=tq.CLIP_VALUE,
+         margin=tq.MARGIN, steps=steps, **{k: float(v) for k, v in torch_run.items()},
+         jaxreid_speedup=float(steps * batch_size / best / torch_run["images_per_s"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,6 +470,93 @@ def section_msmt_eval(args, record):
          query_images_per_s=float(num_q / times["query_extraction_s"]),
          mAP=float(metrics["mAP"]), peak_rss_mb=round(peak_rss_mb()),
          device_peak_mb=device_peak_mb())
+
+
+def rss_mb():
+  """Resident memory now (VmRSS), MB."""
+  for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmRSS:"):
+      return float(line.split()[1]) / 1024
+  return 0.0
+
+
+def device_in_use_mb():
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return float(stats.get("bytes_in_use", 0) / 2**20)
+
+
+def memory_config(method, tiny):
+  """The method's paper (Market-trained) setting with random weights; tiny models under --tiny."""
+  import importlib
+  config = importlib.import_module(f"configs.{method}").get_config("market")
+  config.model.pretrained = ""
+  if tiny:
+    config.model.update(depth=18, width=8)
+    config.model.update(**{"qaconv_gs": dict(neck=16),
+                           "transmatcher": dict(neck=8, ffn=16, num_layers=2, encoders=1),
+                           "kpm": dict(rsa_channels=6)}[method])
+    config.data.update(height=64, width=32)
+    config.eval.update(batch_size=16, gallery_chunk=32)
+  return config
+
+
+def section_memory(args, record):
+  """Streamed evaluation at full set sizes (docs/evaluation.md): memory is probes + one gallery
+  chunk + the [P, G] score matrix, whatever G is, so a time-boxed pass over the first chunks
+  shows the full run's footprint; `projected_scoring_s` extrapolates its time."""
+  import gc
+  import jax
+  from jaxreid import parallel, registry
+  from jaxreid.eval import evaluator
+  from jaxreid.eval.scoring import ChunkScorer, match_fn
+  from jaxreid.models import init_variables
+  mesh = parallel.make_mesh()
+  for method in ("qaconv_gs", "transmatcher", "kpm"):
+    config = memory_config(method, args.tiny)
+    model = registry.build_model(config)
+    h, w = config.data.height, config.data.width
+    variables = init_variables(model, jax.random.key(0), h, w)
+    for size in args.memory_sizes.split(","):
+      num_q, num_g = SET_SIZES[size]
+      num_q, num_g = (count(args, num_q, 40), count(args, num_g, 150))
+      rng = np.random.default_rng(0)
+      query, gallery = (random_split("query", num_q, h, w, rng),
+                        random_split("gallery", num_g, h, w, rng))
+      rss0 = rss_mb()
+      t0 = time.perf_counter()
+      q = evaluator.extract(model, variables, query, config, mesh)
+      extraction_s = time.perf_counter() - t0
+      chunk = evaluator.gallery_chunk(config, num_g)
+      on_device = evaluator._fits_device(q, config)
+      scorer = ChunkScorer(match_fn(model), variables, q, chunk, tile_p=config.eval.tile_p,
+                           tile_g=config.eval.tile_g, mesh=mesh, probes_on_device=on_device)
+      scores = np.empty((num_q, num_g), np.float32)
+      done, chunk_mb, t0 = 0, 0.0, time.perf_counter()
+      for start, maps, valid in evaluator.encode_chunks(model, variables, gallery, config, mesh,
+                                                        chunk):
+        if not done:   # the first chunk also compiles: the clock starts after it
+          scores[:, start:start + valid] = scorer.score(maps, valid)
+          chunk_mb, t0 = maps.nbytes / 2**20, time.perf_counter()
+        else:
+          scores[:, start:start + valid] = scorer.score(maps, valid)
+        done += valid
+        if time.perf_counter() - t0 > args.memory_seconds:
+          break
+      seconds = time.perf_counter() - t0
+      timed_images = done - min(chunk, num_g)
+      record("memory", f"jaxreid_{method}_{size}", size=size, P=num_q, G=num_g,
+             input=[h, w], map=list(q.shape[1:]), map_bytes=int(q[0].nbytes), chunk=chunk,
+             probes_on_device=bool(on_device),
+             gallery_done=done, query_extraction_s=float(extraction_s),
+             probes_mb=float(q.nbytes / 2**20), chunk_maps_mb=float(chunk_mb),
+             score_matrix_mb=float(scores.nbytes / 2**20),
+             rss_growth_mb=float(rss_mb() - rss0), peak_rss_mb=round(peak_rss_mb()),
+             device_in_use_mb=device_in_use_mb(), device_peak_mb_so_far=device_peak_mb(),
+             projected_scoring_s=(float(seconds * (num_g - min(chunk, num_g)) / timed_images)
+                                  if timed_images > 0 else float(seconds)))
+      del q, scorer, scores
+      gc.collect()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,56 +38,30 @@ def score_matrix(match_fn: MatchFn, variables, probe, gallery, *, tile_p: int = 
   dropped. It is part of the jit cache key: pass the same function object to reuse compiled
   code. Tiles shrink to P (rounded up to the device count) and G when those are smaller.
   `mesh` must have a single axis; default: all devices on an axis named "data".
+  The gallery is taken one tile at a time as a `ChunkScorer` chunk, the probes stay on host.
   """
   probe, gallery = _host(probe, "probe"), _host(gallery, "gallery")
   num_p, num_g = len(probe), len(gallery)
   if tile_p < 1 or tile_g < 1:
     raise ValueError(f"tile_p and tile_g must be >= 1; got {tile_p} and {tile_g}.")
-  mesh = _auto_mesh(mesh)
   scores = np.empty((num_p, num_g), np.float32)
   if num_p == 0 or num_g == 0:
     return scores
-
-  n = mesh.devices.size
-  tp = _round_up(min(tile_p, num_p), n)
   tg = min(tile_g, num_g)
-  rows = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-  everywhere = NamedSharding(mesh, PartitionSpec())
-  variables = jax.tree.map(lambda x: _put(x, everywhere), variables)
-  step = functools.partial(_score_tile, match_fn, rows, everywhere, variables)
-
-  pending = []  # one tile in flight while the previous one is copied to host
+  scorer = ChunkScorer(match_fn, variables, probe, tg, tile_p=tile_p, tile_g=tg, mesh=mesh,
+                       probes_on_device=False)
   with tqdm(total=num_p * num_g, unit="pair", unit_scale=True, desc="scoring",
             disable=not progress) as bar:
     for g0 in range(0, num_g, tg):
-      gallery_tile = _put(_tile(gallery, g0, tg), everywhere)
-      for p0 in range(0, num_p, tp):
-        pending.append((p0, g0, step(_put(_tile(probe, p0, tp), rows), gallery_tile)))
-        if len(pending) > 1:
-          _collect(scores, *pending.pop(0), bar)
-    while pending:
-      _collect(scores, *pending.pop(0), bar)
+      valid = min(tg, num_g - g0)
+      scores[:, g0:g0 + valid] = scorer.score(scorer.put_chunk(gallery[g0:g0 + valid]), valid,
+                                              progress=bar)
   return scores
 
 
 def pairwise_self_scores(match_fn: MatchFn, variables, feats, **kwargs) -> np.ndarray:
   """`score_matrix(match_fn, variables, feats, feats, **kwargs)` (QQ / GG for re-ranking)."""
   return score_matrix(match_fn, variables, feats, feats, **kwargs)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _score_tile(match_fn, rows, everywhere, variables, probe, gallery):
-  """One tile, computed row-sharded, then gathered to every device for reading back."""
-  s = jax.lax.with_sharding_constraint(match_fn(variables, probe, gallery).astype(jnp.float32),
-                                       rows)
-  return jax.lax.with_sharding_constraint(s, everywhere)
-
-
-def _collect(scores, p0, g0, tile, bar):
-  tile = replicated_to_host(tile)
-  p1, g1 = min(p0 + tile.shape[0], scores.shape[0]), min(g0 + tile.shape[1], scores.shape[1])
-  scores[p0:p1, g0:g1] = tile[:p1 - p0, :g1 - g0]
-  bar.update((p1 - p0) * (g1 - g0))
 
 
 def _host(x, name):

@@ -36,8 +36,12 @@ def maps(num, seed):
   return np.random.default_rng(seed).standard_normal((num, N, H, W, D_MODEL)).astype(np.float32)
 
 
-def make_matcher(**switches):
-  module = TransMatcher(H, W, num_layers=N, ffn=FFN, gallery_chunk=3, **switches)
+def make_matcher(blocks=(3, 2, 4), **switches):
+  """blocks: gallery maps and probes per similarity product, pairs per head block (None: the
+  backend's defaults); the default ones leave padded last blocks for 5 × 7 maps."""
+  gallery_chunk, probe_chunk, head_block = blocks
+  module = TransMatcher(H, W, num_layers=N, ffn=FFN, gallery_chunk=gallery_chunk,
+                        probe_chunk=probe_chunk, head_block=head_block, **switches)
   variables = module.init(jax.random.key(0), maps(2, 9), maps(2, 9))
   return module, randomized(variables)
 
@@ -85,11 +89,15 @@ def reference_scores(v, probe, gallery, train=False, fc1=True, bn1=True, mlp_hea
 SWITCH_SETS = [{}, dict(fc1=False, bn1=False, mlp_head1=False, prior_embed=False)]
 
 
+@pytest.mark.parametrize("blocks", [(3, 2, 4), (None, None, None), (8, 8, 64)],
+                         ids=["padded_blocks", "default_blocks", "one_block"])
 @pytest.mark.parametrize("switches", SWITCH_SETS, ids=["all_on", "all_off"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_decoder_equals_numpy_reference(switches, train):
-  module, v = make_matcher(**switches)
-  probe, gallery = maps(5, 1), maps(7, 2)   # 7 gallery maps in chunks of 3: a padded last chunk
+def test_decoder_equals_numpy_reference(switches, train, blocks):
+  """fc1 folded onto the probe side, blocked products and blocked heads give the paper's
+  decoder (the reference projects both sides)."""
+  module, v = make_matcher(blocks, **switches)
+  probe, gallery = maps(5, 1), maps(7, 2)
   got = module.apply(v, probe, gallery, train, mutable=["batch_stats"] if train else False)
   got = got[0] if train else got
   want = reference_scores(v, probe, gallery, train, **switches)
@@ -231,22 +239,24 @@ def test_xavier_uniform_init():
   assert not np.allclose(params["prior"][0], params["prior"][1])   # one draw per layer
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 8])
-def test_projected_similarities_equal_brute_force_for_any_gallery_chunk(chunk):
-  """Max-pooled prior-weighted similarities against a float64 loop over pairs, with gallery
-  counts that do not divide the chunk (the last chunk is padded)."""
+@pytest.mark.parametrize("chunks", [(1, 1), (2, 2), (8, None)])
+def test_projected_similarities_equal_brute_force_for_any_blocks(chunks):
+  """Max-pooled prior-weighted similarities (plus a per-probe-location offset) against a float64
+  loop over pairs, with probe and gallery counts that do not divide the blocks (padded)."""
   from jaxreid.methods.transmatcher.model import projected_similarities
-  rng = np.random.default_rng(chunk)
+  gallery_chunk, probe_chunk = chunks
+  rng = np.random.default_rng(gallery_chunk)
   p_num, g_num, n, s, d = 3, 5, 2, 6, 4
   probe, gallery = rng.standard_normal((p_num, n, s, d)), rng.standard_normal((g_num, n, s, d))
   prior = rng.uniform(0.1, 1.0, (n, s, s))
-  got = np.asarray(projected_similarities(jnp.asarray(probe, jnp.float32),
-                                          jnp.asarray(gallery, jnp.float32),
-                                          jnp.asarray(prior, jnp.float32), chunk))
+  offset = rng.standard_normal((p_num, n, s))
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  got = np.asarray(projected_similarities(f32(probe), f32(gallery), f32(prior), gallery_chunk,
+                                          probe_chunk, f32(offset)))
   want = np.empty((p_num, g_num, n, 2, s))
   for i in range(p_num):
     for j in range(g_num):
       for layer in range(n):
-        sim = probe[i, layer] @ gallery[j, layer].T * prior[layer]   # [probe loc, gallery loc]
+        sim = (probe[i, layer] @ gallery[j, layer].T + offset[i, layer][:, None]) * prior[layer]
         want[i, j, layer, 0], want[i, j, layer, 1] = sim.max(1), sim.max(0)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
