@@ -52,6 +52,7 @@ for path in (str(REPO), str(HERE)):
 SECTIONS = ("qaconv", "transmatcher", "train", "msmt_eval", "memory", "nformer", "kpm", "pat")
 MSMT_QUERIES, MSMT_GALLERY, MSMT_IDS, MSMT_CAMS = 11659, 82161, 3060, 15
 SET_SIZES = {"market": (3368, 15913), "msmt17": (MSMT_QUERIES, MSMT_GALLERY)}
+MEMORY_METHODS = ("qaconv_gs", "transmatcher", "kpm")
 
 
 def parse_args(argv=None):
@@ -67,6 +68,10 @@ def parse_args(argv=None):
                       help="gallery streaming time per memory case")
   parser.add_argument("--memory-sizes", default=",".join(SET_SIZES),
                       help="comma-separated set sizes of the memory section")
+  parser.add_argument("--memory-methods", default=",".join(MEMORY_METHODS),
+                      help="comma-separated methods of the memory section")
+  parser.add_argument("--memory-chunk", type=int, default=0,
+                      help="gallery images per chunk in the memory section (0: the config's)")
   parser.add_argument("--official", help="a ShengcaiLiao/QAConv checkout (or the QAConv folder "
                       "of ShengcaiLiao/TransMatcher): its reid/models/qaconv.py and "
                       "projects/transmatcher/transmatcher.py become the scoring baselines")
@@ -77,6 +82,8 @@ def parse_args(argv=None):
     parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
   if not set(args.memory_sizes.split(",")) <= set(SET_SIZES):
     parser.error(f"--memory-sizes takes a comma-separated subset of {', '.join(SET_SIZES)}")
+  if not set(args.memory_methods.split(",")) <= set(MEMORY_METHODS):
+    parser.error(f"--memory-methods takes a comma-separated subset of {', '.join(MEMORY_METHODS)}")
   return args
 
 
@@ -512,8 +519,10 @@ def section_memory(args, record):
   from jaxreid.eval.scoring import ChunkScorer, match_fn
   from jaxreid.models import init_variables
   mesh = parallel.make_mesh()
-  for method in ("qaconv_gs", "transmatcher", "kpm"):
+  for method in args.memory_methods.split(","):
     config = memory_config(method, args.tiny)
+    if args.memory_chunk:
+      config.eval.gallery_chunk = args.memory_chunk
     model = registry.build_model(config)
     h, w = config.data.height, config.data.width
     variables = init_variables(model, jax.random.key(0), h, w)
@@ -535,13 +544,12 @@ def section_memory(args, record):
       done, chunk_mb, t0 = 0, 0.0, time.perf_counter()
       for start, maps, valid in evaluator.encode_chunks(model, variables, gallery, config, mesh,
                                                         chunk):
-        if not done:   # the first chunk also compiles: the clock starts after it
-          scores[:, start:start + valid] = scorer.score(maps, valid)
-          chunk_mb, t0 = maps.nbytes / 2**20, time.perf_counter()
-        else:
-          scores[:, start:start + valid] = scorer.score(maps, valid)
+        scores[:, start:start + valid] = scorer.score(maps, valid)
+        if not done:   # encoded, compiled and scored: the projection starts after it
+          first_s, chunk_mb = time.perf_counter() - t0, maps.nbytes / 2**20
+          t0 = time.perf_counter()
         done += valid
-        if time.perf_counter() - t0 > args.memory_seconds:
+        if time.perf_counter() - t0 >= args.memory_seconds:
           break
       seconds = time.perf_counter() - t0
       timed_images = done - min(chunk, num_g)
@@ -551,10 +559,12 @@ def section_memory(args, record):
              gallery_done=done, query_extraction_s=float(extraction_s),
              probes_mb=float(q.nbytes / 2**20), chunk_maps_mb=float(chunk_mb),
              score_matrix_mb=float(scores.nbytes / 2**20),
-             rss_growth_mb=float(rss_mb() - rss0), peak_rss_mb=round(peak_rss_mb()),
+             rss_before_mb=float(rss0), rss_growth_mb=float(rss_mb() - rss0),
+             peak_rss_mb=round(peak_rss_mb()),
              device_in_use_mb=device_in_use_mb(), device_peak_mb_so_far=device_peak_mb(),
-             projected_scoring_s=(float(seconds * (num_g - min(chunk, num_g)) / timed_images)
-                                  if timed_images > 0 else float(seconds)))
+             first_chunk_s=float(first_s),
+             projected_scoring_s=float(num_g * (seconds / timed_images if timed_images > 0
+                                                else first_s / min(chunk, num_g))))
       del q, scorer, scores
       gc.collect()
 

@@ -178,12 +178,13 @@ def _rescore_tile(match_fn, variables, probe, gallery):
 class ChunkScorer:
   """Scores [P, valid] of a fixed probe set against gallery chunks of a fixed length.
 
-  The probes are padded once to a multiple of the probe tile (padding repeats the last row)
-  and kept resident on the devices (replicated) when `probes_on_device`, else on host and copied
-  tile by tile. A chunk is a [chunk, …] array (device or host) of which the first `valid` rows
-  are real; rows past `valid` only need to be finite. Tiles are cut inside one jitted function
-  by dynamic slices (the last gallery tile of a chunk is shifted back to stay inside it), so one
-  executable serves every chunk; finished tiles are read back while the next one computes.
+  The probes are kept resident on the devices (replicated) when `probes_on_device`, else on
+  host and copied tile by tile; they are not copied to pad them (only fewer probes than one
+  tile are padded, by repeating the last row). A chunk is a [chunk, …] array (device or host) of
+  which the first `valid` rows are real; rows past `valid` only need to be finite. Tiles are cut
+  inside one jitted function by dynamic slices (the last probe tile and the last gallery tile of
+  a chunk are shifted back to stay inside), so one executable serves every chunk; finished tiles
+  are read back while the next one computes.
   `match_fn` as for `score_matrix`.
   """
 
@@ -201,7 +202,7 @@ class ChunkScorer:
     self.rows = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
     self.everywhere = NamedSharding(self.mesh, PartitionSpec())
     self.variables = jax.tree.map(lambda x: _put(x, self.everywhere), variables)
-    padded = _tile(probe, 0, _round_up(self.num_p, self.tp)) if self.num_p else probe
+    padded = _tile(probe, 0, self.tp) if 0 < self.num_p < self.tp else probe
     self.on_device = probes_on_device
     self.probes = _put(padded, self.everywhere) if probes_on_device else padded
     self.shape, self.dtype = probe.shape[1:], probe.dtype
@@ -225,24 +226,25 @@ class ChunkScorer:
                              self.tp, self.tg, self.variables)
     pending = []
     for g0 in range(0, valid, self.tg):
-      shifted = min(g0, self.chunk - self.tg)   # stays inside the chunk: one tile shape
+      gs = min(g0, self.chunk - self.tg)   # tiles shifted back to stay inside: one tile shape
       for p0 in range(0, self.num_p, self.tp):
+        ps = min(p0, len(self.probes) - self.tp)
         if self.on_device:
-          tile = step(self.probes, np.int32(p0), gallery_chunk, np.int32(shifted))
+          tile = step(self.probes, np.int32(ps), gallery_chunk, np.int32(gs))
         else:
-          tile = step(_put(self.probes[p0:p0 + self.tp], self.rows), np.int32(0), gallery_chunk,
-                      np.int32(shifted))
-        pending.append((p0, g0, g0 - shifted, tile))
+          tile = step(_put(self.probes[ps:ps + self.tp], self.rows), np.int32(0), gallery_chunk,
+                      np.int32(gs))
+        pending.append((p0, p0 - ps, g0, g0 - gs, tile))
         if len(pending) > 1:
           self._collect(out, valid, *pending.pop(0), progress)
     while pending:
       self._collect(out, valid, *pending.pop(0), progress)
     return out
 
-  def _collect(self, out, valid, p0, g0, skip, tile, progress):
+  def _collect(self, out, valid, p0, skip_p, g0, skip_g, tile, progress):
     tile = replicated_to_host(tile)
     p1, g1 = min(p0 + self.tp, self.num_p), min(g0 + self.tg, valid)
-    out[p0:p1, g0:g1] = tile[:p1 - p0, skip:skip + g1 - g0]
+    out[p0:p1, g0:g1] = tile[skip_p:skip_p + p1 - p0, skip_g:skip_g + g1 - g0]
     if progress is not None:
       progress.update((p1 - p0) * (g1 - g0))
 
