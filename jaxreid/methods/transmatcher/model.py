@@ -28,11 +28,12 @@ def projected_similarities(probe, gallery, prior=None, gallery_chunk=None, probe
                            offset=None):
   """Max-pooled, prior-weighted similarities of every probe × gallery pair and layer.
 
-  probe [P, N, S, d], gallery [G, N, S, d] (already through fc1), prior [N, S, S] weights
+  probe [P, N, S, d], gallery [G, N, S, d] (the two sides of the products: both through fc1,
+  or, as `TransMatcher` calls it, fc1(q)Wᵀ and the maps as they are), prior [N, S, S] weights
   (probe location × gallery location) or None → [P, G, N, 2, S]: index 0 of axis 3 maximises
   over gallery locations (one value per probe location), index 1 over probe locations.
   `offset` [P, N, S], if given, is added to every similarity of a probe location before the
-  prior (what folding fc1 onto the probe side leaves; see `TransMatcher`).
+  prior (fc1(q)·b, what folding fc1 onto the probe side leaves).
 
   The similarities of a block of `probe_chunk` probes and `gallery_chunk` gallery maps are one
   plain matrix product [p·S, d] × [d, g·S] per layer, max-pooled right away, so only one block
