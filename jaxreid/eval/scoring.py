@@ -205,7 +205,6 @@ class ChunkScorer:
     padded = _tile(probe, 0, self.tp) if 0 < self.num_p < self.tp else probe
     self.on_device = probes_on_device
     self.probes = _put(padded, self.everywhere) if probes_on_device else padded
-    self.shape, self.dtype = probe.shape[1:], probe.dtype
 
   def put_chunk(self, gallery) -> jax.Array:
     """A host gallery slice (at most `chunk` rows) → a replicated device chunk of `chunk` rows."""
