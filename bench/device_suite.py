@@ -11,8 +11,11 @@ Sections (`--only` picks some):
                 a GPU) and, with --official, the official TransMatcher module driven as its
                 evaluator drives it (make_kernel on 256 probes, gallery batches of 256).
   train         training-step throughput of the QAConv-GS paper setting (ResNet-50-IBN-b,
-                384×128, batch 64, bfloat16), random weights and images, vs the official v2.1
-                step transcribed in PyTorch (bench/torch_qaconv_gs_step.py; fp16 AMP on a GPU).
+                384×128, batch 64, bfloat16, its augmentation inside the step), random weights,
+                on one resident batch and fed by the real input pipeline (a Market-1501
+                stand-in through TFDS, grain threads / workers: input-bound or not), vs the
+                official v2.1 step transcribed in PyTorch (bench/torch_qaconv_gs_step.py; fp16
+                AMP on a GPU).
   msmt_eval     the full MSMT17-size QAConv evaluation (11,659 × 82,161) with random weights on
                 random images: query extraction, scoring alone (every gallery chunk's tiles
                 against all probes), the streamed evaluation (gallery encoding + scoring
@@ -35,6 +38,7 @@ suite does that); `--scale` multiplies the pair and image counts. Every record h
 """
 import argparse
 import json
+import os
 import pathlib
 import resource
 import sys
@@ -61,6 +65,9 @@ def parse_args(argv=None):
   parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
   parser.add_argument("--scale", type=float, default=1.0, help="multiplies pair/image counts")
   parser.add_argument("--tiny", action="store_true", help="tiny models and sizes (CPU smoke)")
+  parser.add_argument("--data-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                         "jaxreid_bench_pipeline"),
+                      help="where the train section builds its Market-1501 stand-in")
   parser.add_argument("--peak-tflops", "--peak_tflops", type=float, default=989.0,
                       help="the device's dense bf16 peak (H200: 989)")
   parser.add_argument("--reps", type=int, default=2, help="timed repetitions (best is kept)")
@@ -362,13 +369,22 @@ def section_train(args, record):
   state = parallel.replicate(create_train_state(config, model, tx, objective, num_classes,
                                                 jax.random.key(0)), mesh)
   step = parallel.jit_train_step(make_train_step(model, tx, objective, config.train), mesh)
-  rng = np.random.default_rng(0)
-  batch = parallel.shard_batch({
-      "image": rng.integers(0, 256, (batch_size, config.data.height, config.data.width, 3),
-                            dtype=np.uint8),
-      "label": np.repeat(np.arange(num_classes, dtype=np.int32), config.data.num_instances),
-      "index": np.arange(batch_size, dtype=np.int32)}, mesh)
+  from jaxreid.data import pipeline
+  import bench_input_pipeline
+  split = bench_input_pipeline.build_market(args.data_dir, 12 if args.tiny else 120)
+  options = config.data.augment.to_dict()
   steps = 3 if args.tiny else 20
+  plan = (np.arange((steps + 1) * batch_size) % len(split)).reshape(steps + 1, batch_size)
+
+  def fed_batches():
+    return pipeline.train_batches(split, plan, epoch=0, seed=0, height=config.data.height,
+                                  width=config.data.width, augment=options,
+                                  num_threads=config.data.num_threads,
+                                  num_workers=config.data.num_workers,
+                                  resize=config.data.get("resize", "bicubic"))
+
+  # Resident: one real batch (resized images + augmentation factors) kept on the devices.
+  batch = parallel.shard_batch(next(iter(fed_batches())), mesh)
   holder = [state]
 
   def run():
@@ -381,8 +397,25 @@ def section_train(args, record):
          backbone=f"resnet{config.model.depth}_ibn_{config.model.ibn}",
          bf16=bool(config.train.bf16), steps=steps, first_s=float(first),
          wall_s=float(best), images_per_s=float(steps * batch_size / best),
-         step_ms=float(1000 * best / steps), loss=float(loss),
+         step_ms=float(1000 * best / steps), loss=float(loss), augmentation="in step",
          device_peak_mb=device_peak_mb())
+  # Fed: the same step on batches streamed from the real pipeline (TFDS source, decode, resize,
+  # factor draws in grain threads / workers), as training runs it.
+  resident_rate = steps * batch_size / best
+  batches = fed_batches()
+  holder[0], metrics = step(holder[0], parallel.shard_batch(next(batches), mesh))
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for host in batches:
+    holder[0], metrics = step(holder[0], parallel.shard_batch(host, mesh))
+  jax.block_until_ready(metrics)
+  fed_rate = steps * batch_size / (time.perf_counter() - t0)
+  record("train", "jaxreid_qaconv_gs_step_fed", setting="qaconv_gs:market", batch=batch_size,
+         steps=steps, images_per_s=float(fed_rate), resident_images_per_s=float(resident_rate),
+         input_bound=bool(fed_rate < 0.95 * resident_rate),
+         num_threads=config.data.num_threads,
+         num_workers=pipeline.default_num_workers() if config.data.num_workers < 0
+         else config.data.num_workers, host_cores=os.cpu_count())
   import torch_qaconv_gs_step as tq
   m = config.model
   device = torch_device()

@@ -2,12 +2,16 @@
 import numpy as np
 import pytest
 
-from jaxreid.data.augment import eval_transform, occlude, train_transform
+import jax
+
+from jaxreid.data.augment import apply, draw, eval_transform
 from jaxreid.data.datasets import ReidSplit, relabel
 from jaxreid.data.pipeline import eval_batches, train_batches
 
 H, W = 48, 24
 OFF = dict(pad=0, flip=False, rotate_deg=0.0, color_jitter=False, occlusion=False)
+DEFAULTS = dict(pad=4, flip=True, rotate_deg=5.0, color_jitter=True, occlusion=True,
+                random_erasing=0.5)
 
 
 def _image(seed=0, shape=(40, 20, 3)):
@@ -29,39 +33,44 @@ def _split(n=10, images=None):
                    num_classes=num_classes, name="fake:train")
 
 
+def _augment(image, seed, **options):
+  """`image` (already H×W) through one slot's draw + apply."""
+  factors = draw(np.random.default_rng(seed), height=H, width=W, **{**OFF, **options})
+  return np.asarray(apply(image[None], jax.tree.map(lambda x: np.asarray(x)[None], factors)))[0]
+
+
 def test_shapes_and_identity_without_augmentation():
   image = _image()
-  rng = np.random.default_rng(0)
-  out = train_transform(image, rng, height=H, width=W)
-  assert out.shape == (H, W, 3) and out.dtype == np.uint8
   resized = eval_transform(image, height=H, width=W)
   assert resized.shape == (H, W, 3) and resized.dtype == np.uint8
-  np.testing.assert_array_equal(train_transform(image, rng, height=H, width=W, **OFF), resized)
+  assert draw(np.random.default_rng(0), height=H, width=W, **OFF) == {}
+  np.testing.assert_array_equal(_augment(resized, 0), resized)
+  out = _augment(resized, 0, **DEFAULTS)
+  assert out.shape == (H, W, 3) and out.dtype == np.uint8
   assert eval_transform(resized, height=H, width=W) is resized
 
 
-@pytest.mark.parametrize("flag", ["flip", "rotate_deg", "color_jitter", "occlusion", "pad"])
+@pytest.mark.parametrize("flag", ["flip", "rotate_deg", "color_jitter", "occlusion", "pad",
+                                  "random_erasing"])
 def test_each_augmentation_changes_images(flag):
   image = eval_transform(_image(), height=H, width=W)
-  value = {"rotate_deg": 10.0, "pad": 6}.get(flag, True)
-  changed = [not np.array_equal(image, train_transform(
-      image, np.random.default_rng(s), height=H, width=W, **{**OFF, flag: value}))
-             for s in range(16)]
-  assert sum(changed) >= (4 if flag == "flip" else 13)  # a tiny angle or a zero shift may not
+  value = {"rotate_deg": 10.0, "pad": 6, "random_erasing": 0.5}.get(flag, True)
+  changed = [not np.array_equal(image, _augment(image, s, **{flag: value})) for s in range(16)]
+  assert sum(changed) >= (4 if flag in ("flip", "random_erasing") else 13)
 
 
 def test_flip_mirrors():
   image = eval_transform(_image(), height=H, width=W)
-  outs = [train_transform(image, np.random.default_rng(s), height=H, width=W,
-                          **{**OFF, "flip": True}) for s in range(8)]
+  outs = [_augment(image, s, flip=True) for s in range(8)]
   assert all(np.array_equal(o, image) or np.array_equal(o, image[:, ::-1]) for o in outs)
+  assert any(not np.array_equal(o, image) for o in outs)
 
 
 def test_occlusion_is_a_white_square():
   image = np.zeros((H, W, 3), np.uint8)
   sides = []
   for s in range(50):
-    out = occlude(image, np.random.default_rng(s))
+    out = _augment(image, s, occlusion=True)
     ys, xs = np.nonzero(out.all(-1))
     assert (out[ys, xs] == 255).all() and (out.sum(-1) > 0).sum() == len(ys)
     side = ys.max() - ys.min() + 1
@@ -70,28 +79,34 @@ def test_occlusion_is_a_white_square():
   assert 1 <= min(sides) and max(sides) <= int(0.8 * W) and max(sides) > W // 2
 
 
+def _images(batches):
+  return [np.asarray(apply(b["image"], b["augment"])) for b in batches]
+
+
 def test_train_batches_deterministic_and_resumable():
   split = _split()
   plan = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]])
-  kwargs = dict(epoch=2, seed=1, height=H, width=W, augment=dict(pad=4), num_threads=2)
+  kwargs = dict(epoch=2, seed=1, height=H, width=W, augment=DEFAULTS, num_threads=2)
   full = list(train_batches(split, plan, **kwargs))
   assert len(full) == 3
   for batch, row in zip(full, plan):
     assert batch["image"].shape == (4, H, W, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == batch["index"].dtype == np.int32
+    assert batch["augment"]["affine"].shape == (4, 6) and batch["augment"]["boxes"].shape == (4, 2, 4)
     np.testing.assert_array_equal(batch["index"], row)
     np.testing.assert_array_equal(batch["label"], split.labels[row])
-  again = list(train_batches(split, plan, **{**kwargs, "num_threads": 0}))
-  tail = list(train_batches(split, plan, start_batch=1, **kwargs))
-  for a, b in zip(full, again):
-    np.testing.assert_array_equal(a["image"], b["image"])
+  images = _images(full)
+  again = _images(train_batches(split, plan, **{**kwargs, "num_threads": 0}))
+  tail = _images(train_batches(split, plan, start_batch=1, **kwargs))
+  for a, b in zip(images, again):
+    np.testing.assert_array_equal(a, b)
   assert len(tail) == 2
-  for a, b in zip(full[1:], tail):
-    np.testing.assert_array_equal(a["image"], b["image"])
-  other = next(train_batches(split, plan, **{**kwargs, "epoch": 3}))
-  assert not np.array_equal(other["image"], full[0]["image"])
+  for a, b in zip(images[1:], tail):
+    np.testing.assert_array_equal(a, b)
+  other = _images([next(train_batches(split, plan, **{**kwargs, "epoch": 3}))])[0]
+  assert not np.array_equal(other, images[0])
   # Slot 0 of batch 2 and slot 0 of batch 0 show image 0 with different augmentations.
-  assert not np.array_equal(full[2]["image"][2], full[0]["image"][0])
+  assert not np.array_equal(images[2][2], images[0][0])
   # Two processes loading halves of every batch see exactly the single-process images.
   halves = [list(train_batches(split, plan, slots=s, **kwargs))
             for s in (slice(0, 2), slice(2, 4))]
@@ -99,6 +114,22 @@ def test_train_batches_deterministic_and_resumable():
     for key in ("image", "label", "index"):
       np.testing.assert_array_equal(
           np.concatenate([halves[0][b][key], halves[1][b][key]]), batch[key])
+    np.testing.assert_array_equal(
+        np.concatenate([_images([halves[0][b]])[0], _images([halves[1][b]])[0]]), images[b])
+
+
+def test_worker_processes_give_the_same_batches():
+  split = _split()
+  plan = np.arange(20).reshape(5, 4) % 10
+  kwargs = dict(epoch=0, seed=3, height=H, width=W, augment=DEFAULTS, num_threads=1)
+  inline = list(train_batches(split, plan, **kwargs))
+  workers = list(train_batches(split, plan, num_workers=2, **kwargs))
+  assert len(workers) == len(inline) == 5
+  for a, b in zip(inline, workers):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  (evaluated, n), = eval_batches(split, batch_size=16, height=H, width=W, num_workers=2)
+  assert n == 10
+  np.testing.assert_array_equal(evaluated["image"][3], eval_transform(_image(3), height=H, width=W))
 
 
 def test_train_batches_without_augmentation_are_resized_images():

@@ -1,7 +1,9 @@
 """`pip install .` into a fresh virtual environment gives a `jaxreid` command that finds the
-shipped configs by name and trains from any folder (the library's dependencies come from the
-machine's site-packages, so only the project itself is installed)."""
+shipped configs by name and trains from any folder. The library's dependencies come from the
+environment running the tests (a venv, a conda env or the machine's interpreter: a .pth file adds
+its site-packages), so only the project itself is installed."""
 import shutil
+import site
 import subprocess
 import venv
 from pathlib import Path
@@ -11,11 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_pip_install_then_jaxreid_command_trains(tmp_path, synthetic_data_dir):
   env_dir = tmp_path / "venv"
-  venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+  venv.EnvBuilder(with_pip=True).create(env_dir)
   python = env_dir / "bin" / "python"
+  env_site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+  ours = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+  (Path(env_site) / "parent_environment.pth").write_text("\n".join(ours) + "\n")
   source = tmp_path / "source"   # setuptools builds in the source tree: build from a copy
   shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-      ".git", "workdir*", "__pycache__", ".pytest_cache", "build", "*.egg-info", "tests"))
+      ".git", "workdir*", "__pycache__", ".pytest_cache", "build", "*.egg-info", "tests", ".venv",
+      ".ci-venv"))
   install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(source)],
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
   assert install.returncode == 0, install.stderr[-2000:]

@@ -1,10 +1,17 @@
-"""Batches of decoded, transformed images from a `ReidSplit`, decoded in parallel by grain."""
+"""Batches of decoded, resized images from a `ReidSplit`, prepared in parallel by grain: in
+threads of this process, and with `num_workers` > 0 in that many worker processes as well.
+
+Training batches carry each slot's augmentation factors under "augment"; `augment.apply` turns
+them into images inside the jitted step (`augmented`)."""
+import os
 from collections.abc import Iterator
 
 import grain
+from absl import flags
 import numpy as np
 
-from jaxreid.data.augment import eval_transform, train_transform
+from jaxreid.data import augment as augment_lib
+from jaxreid.data.augment import eval_transform
 from jaxreid.data.datasets import ReidSplit
 
 
@@ -21,65 +28,121 @@ def load_image(split: ReidSplit, index: int) -> np.ndarray:
   return image
 
 
-def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=num_threads,
-                           prefetch_buffer_size=prefetch if num_threads > 0 else 0)
+def default_num_workers() -> int:
+  """Worker processes for `data.num_workers = -1`: none on a machine of up to 4 cores (threads
+  suffice there: Pillow's decoding and resizing release the GIL), else one per core left after
+  the trainer's two, at most 8 (each worker imports the library: ~0.3 GB)."""
+  cores = os.cpu_count() or 1
+  return 0 if cores <= 4 else min(8, cores - 2)
+
+
+def _batches(elements: grain.MapDataset, batch_size: int, *, num_threads: int, prefetch: int,
+             num_workers: int) -> Iterator:
+  """`elements` in batches of batch_size, made by `num_threads` threads ahead of the reader
+  (`prefetch` batches), and by `num_workers` processes (each with those threads) when > 0;
+  in order either way."""
+  if num_workers < 0:
+    num_workers = default_num_workers()
+  batches = elements.batch(batch_size).to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads,
+      prefetch_buffer_size=max(prefetch, num_threads) if num_threads > 0 else 0))
+  if num_workers > 0:
+    if not flags.FLAGS.is_parsed():   # grain's workers read absl flags (parsed by the CLI)
+      flags.FLAGS.mark_as_parsed()
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  iterator = iter(batches)
+  try:
+    yield from iterator
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
+class _TrainExample:
+  """Slot `position` of the flattened plan: the resized image, its labels and (with `augment`)
+  its augmentation factors drawn from rng([seed, epoch, batch, slot]). A class rather than a
+  closure, so grain can send it to worker processes."""
+
+  def __init__(self, split, plan, slot_ids, *, epoch, seed, height, width, augment, resize):
+    self.split, self.plan, self.slot_ids = split, plan, slot_ids
+    self.epoch, self.seed, self.height, self.width = epoch, seed, height, width
+    self.augment, self.resize = augment, resize
+
+  def __call__(self, position: int) -> dict:
+    b, local = divmod(position, len(self.slot_ids))
+    slot = int(self.slot_ids[local])
+    index = int(self.plan[b, slot])
+    image = eval_transform(load_image(self.split, index), height=self.height, width=self.width,
+                           resize=self.resize)
+    out = {"image": image, "label": np.int32(self.split.labels[index]), "index": np.int32(index)}
+    if self.augment is not None:
+      rng = np.random.default_rng([self.seed, self.epoch, b, slot])
+      out["augment"] = augment_lib.draw(rng, height=self.height, width=self.width, **self.augment)
+    return out
 
 
 def train_batches(split: ReidSplit, plan: np.ndarray, *, epoch: int, start_batch: int = 0,
                   seed: int, height: int, width: int, augment: dict | None,
-                  slots: slice = slice(None), num_threads: int = 2,
+                  slots: slice = slice(None), num_threads: int = 2, num_workers: int = 0,
                   prefetch: int = 2, resize: str = "bicubic") -> Iterator[dict]:
-  """Batches `start_batch`..nb-1 of `plan` [nb, B] as {"image" uint8 [b, h, w, 3],
-  "label" int32 [b], "index" int32 [b]}, each holding the `slots` of its batch (a process's
-  share under multi-host; default all B).
+  """Batches `start_batch`..nb-1 of `plan` [nb, B] as {"image" uint8 [b, h, w, 3] (resized),
+  "label" int32 [b], "index" int32 [b]} and, when `augment` is set, "augment": the slots'
+  factors [b, …] (`augment.draw`; `augmented` applies them), each batch holding the
+  `slots` of its plan row (a process's share under multi-host; default all B).
 
-  The augmentation of slot s of batch b draws from rng([seed, epoch, b, s]) only, so a run resumed
-  at any batch, or split over any number of processes, sees the same images. `augment` holds
-  `train_transform`'s keyword arguments; None means resize only. `prefetch` counts batches.
+  The factors of slot s of batch b come from rng([seed, epoch, b, s]) only, so a run resumed at
+  any batch, or split over any number of processes or workers, sees the same images. `augment`
+  holds `augment.draw`'s keyword arguments (data.augment); None means resize only. `prefetch`
+  counts batches; `num_workers`: grain worker processes (−1: `default_num_workers()`).
   `resize`: the interpolation (data.resize: bicubic or bilinear).
   """
   plan = np.asarray(plan)
   if plan.ndim != 2:
     raise ValueError(f"plan must be [num_batches, batch_size], got shape {plan.shape}.")
+  if augment is not None:
+    augment_lib.check_options(augment)
   slot_ids = np.arange(plan.shape[1])[slots]
   num_batches, batch_size = plan.shape[0], len(slot_ids)
-
-  def example(position: int) -> dict:
-    b, local = divmod(position, batch_size)
-    slot = int(slot_ids[local])
-    index = int(plan[b, slot])
-    image = load_image(split, index)
-    if augment is None:
-      image = eval_transform(image, height=height, width=width, resize=resize)
-    else:
-      rng = np.random.default_rng([seed, epoch, b, slot])
-      image = train_transform(image, rng, height=height, width=width, resize=resize, **augment)
-    return {"image": image, "label": np.int32(split.labels[index]), "index": np.int32(index)}
-
+  example = _TrainExample(split, plan, slot_ids, epoch=epoch, seed=seed, height=height,
+                          width=width, augment=augment, resize=resize)
   positions = grain.MapDataset.range(start_batch * batch_size, num_batches * batch_size)
-  dataset = positions.map(example).to_iter_dataset(
-      _read_options(num_threads, prefetch * batch_size)).batch(batch_size)
-  yield from dataset
+  yield from _batches(positions.map(example), batch_size, num_threads=num_threads,
+                      prefetch=prefetch, num_workers=num_workers)
+
+
+def augmented(batch: dict) -> dict:
+  """`batch` with batch["augment"]'s factors applied to batch["image"] (`augment.apply`) and
+  the factors dropped; the batch itself when it has none. For use inside a jitted step."""
+  if "augment" not in batch:
+    return batch
+  batch = dict(batch)
+  factors = batch.pop("augment")
+  return {**batch, "image": augment_lib.apply(batch["image"], factors)}
+
+
+class _EvalExample:
+  def __init__(self, split, order, *, height, width, resize):
+    self.split, self.order, self.height, self.width, self.resize = (split, order, height, width,
+                                                                    resize)
+
+  def __call__(self, position: int) -> np.ndarray:
+    if position >= len(self.order):
+      return np.zeros((self.height, self.width, 3), np.uint8)
+    return eval_transform(load_image(self.split, int(self.order[position])), height=self.height,
+                          width=self.width, resize=self.resize)
 
 
 def eval_batches(split: ReidSplit, *, batch_size: int, height: int, width: int,
-                 indices: np.ndarray | None = None, num_threads: int = 2,
+                 indices: np.ndarray | None = None, num_threads: int = 2, num_workers: int = 0,
                  prefetch: int = 2, resize: str = "bicubic") -> Iterator[tuple[dict, int]]:
   """({"image": uint8 [batch_size, h, w, 3]}, num_valid) in dataset (or `indices`) order; the
   last batch is zero-padded to batch_size so every batch has one shape."""
   order = np.arange(len(split)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
   total = len(order)
   padded = -(-total // batch_size) * batch_size
-
-  def example(position: int) -> np.ndarray:
-    if position >= total:
-      return np.zeros((height, width, 3), np.uint8)
-    return eval_transform(load_image(split, int(order[position])), height=height, width=width,
-                          resize=resize)
-
-  dataset = grain.MapDataset.range(padded).map(example).to_iter_dataset(
-      _read_options(num_threads, prefetch * batch_size)).batch(batch_size)
-  for b, images in enumerate(dataset):
+  example = _EvalExample(split, order, height=height, width=width, resize=resize)
+  batches = _batches(grain.MapDataset.range(padded).map(example), batch_size,
+                     num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
+  for b, images in enumerate(batches):
     yield {"image": images}, min(batch_size, total - b * batch_size)
-

@@ -68,13 +68,15 @@ class Task(NamedTuple):
 
 def make_train_step(model, tx, objective: Objective, train_cfg):
   """(state, batch) → (state, metrics): the objective's loss and gradients, the optimiser
-  update, then the objective's memory update; batch = {"image" uint8 [B,H,W,3], "label" [B]}."""
+  update, then the objective's memory update; batch = {"image" uint8 [B,H,W,3], "label" [B],
+  "augment": the slots' augmentation factors, applied here (pipeline.train_batches)}."""
 
   def loss_fn(params, state, batch):
     variables = {"params": params, "batch_stats": state.batch_stats}
     return objective.loss(model, variables, state, batch, train_cfg)
 
   def train_step(state: TrainState, batch):
+    batch = pipeline.augmented(batch)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (batch_stats, aux, metrics)), grads = grad_fn(state.params, state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -392,12 +394,11 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
   d, t = config.data, config.train
 
   def batches(plan, epoch, start_batch):
-    for batch in pipeline.train_batches(
+    return pipeline.train_batches(
         train_split, plan, slots=parallel.process_slice(plan.shape[1]), epoch=epoch,
         start_batch=start_batch, seed=config.seed, height=d.height, width=d.width,
         augment=d.augment.to_dict() if d.augment else None, num_threads=d.num_threads,
-        resize=d.get("resize", "bicubic")):
-      yield {"image": batch["image"], "label": batch["label"], "index": batch["index"]}
+        num_workers=d.get("num_workers", 0), resize=d.get("resize", "bicubic"))
 
   def evaluate(state):
     variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 
 from jaxreid import backbones
+from jaxreid.data import augment
 
 LOCK_FILE = ".jaxreid.lock"
 
@@ -65,6 +66,15 @@ def validate(config, kind: str) -> None:
   for name in ("batch_size", "height", "width"):
     positive_int(f"data.{name}", d[name])
   positive_int("eval.batch_size", config.eval.batch_size)
+  for name in ("num_threads", "num_workers"):
+    value = d.get(name, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < (-1 if name == "num_workers"
+                                                                          else 0):
+      raise ValueError(f"data.{name}={value!r} must be an integer ≥ 0"
+                       + (" (−1: one per core left to the trainer)." if name == "num_workers"
+                          else "."))
+  if d.get("augment"):
+    augment.check_options(d.augment.to_dict())
   if config.get("model") is None or "backbone" not in config.model and "depth" not in config.model:
     return
   backbone = backbones.get(config.model)

@@ -18,6 +18,8 @@ EXPECTED = {  # (section, name) → keys that must be finite and > 0
     ("transmatcher", "jaxreid_bfloat16"): TIMES + ("pairs_per_s",),
     ("transmatcher", "torch_decoder_float32"): TIMES + ("pairs_per_s",),
     ("train", "jaxreid_qaconv_gs_step"): TIMES + ("images_per_s", "step_ms", "batch"),
+    ("train", "jaxreid_qaconv_gs_step_fed"): ("images_per_s", "resident_images_per_s", "batch",
+                                              "steps", "host_cores"),
     ("train", "official_v2.1_step_torch"): TIMES + ("images_per_s", "step_ms", "loss",
                                                     "jaxreid_speedup"),
     ("msmt_eval", "jaxreid_qaconv_streamed"): (
@@ -63,5 +65,7 @@ def test_tiny_suite_writes_every_record(tmp_path):
       assert record["probes_mb"] == mb(record["P"] * per_image)
       assert record["score_matrix_mb"] == mb(4 * record["P"] * record["G"])
       assert record["gallery_done"] == record["G"] == 150
+  fed = by_name[("train", "jaxreid_qaconv_gs_step_fed")]
+  assert fed["input_bound"] == (fed["images_per_s"] < 0.95 * fed["resident_images_per_s"])
   msmt = by_name[("msmt_eval", "jaxreid_qaconv_streamed")]
   assert (msmt["P"], msmt["G"]) == (40, 150) and msmt["chunk"] % msmt["batch"] == 0

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from jaxreid import parallel
 from jaxreid.checkpoint import Checkpointer, restore_for_eval
 from jaxreid.data import datasets, pipeline
-from jaxreid.eval.evaluator import evaluate_matcher, extract, jitted_encode, write_results
+from jaxreid.eval.evaluator import evaluate_matcher, extract, write_results
 from jaxreid.methods.nformer.stage1 import STAGE1, build_stage1
 from jaxreid.methods.nformer.model import NFormer
 from jaxreid.methods.nformer.refine import STAGE2_DIR, build_head
@@ -152,16 +152,23 @@ def augmented_features(config, model, variables, split, mesh, view: int) -> np.n
   batch_size = config.eval.batch_size
   n = len(split)
   plan = (np.arange(-(-n // batch_size) * batch_size) % n).reshape(-1, batch_size)
-  encode = jitted_encode(model, mesh)
+
+  def encode_augmented(variables, batch):
+    return model.apply(variables, pipeline.augmented(batch)["image"], method="encode")
+
+  encode = jax.jit(encode_augmented, out_shardings=parallel.replicated(mesh),
+                   in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))
   variables = parallel.replicate(variables, mesh)
   out = []
   for batch in pipeline.train_batches(split, plan, epoch=view, seed=config.seed + 7919,
                                       height=config.data.height, width=config.data.width,
                                       augment=config.data.augment.to_dict(),
                                       num_threads=config.data.num_threads,
+                                      num_workers=config.data.get("num_workers", 0),
                                       resize=config.data.get("resize", "bicubic")):
-    images = parallel.put_global(batch["image"], parallel.batch_sharded(mesh))
-    out.append(parallel.replicated_to_host(encode(variables, images)))
+    batch = {k: batch[k] for k in ("image", "augment") if k in batch}
+    batch = jax.tree.map(lambda x: parallel.put_global(x, parallel.batch_sharded(mesh)), batch)
+    out.append(parallel.replicated_to_host(encode(variables, batch)))
   return np.concatenate(out)[:n]
 
 

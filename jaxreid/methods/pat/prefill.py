@@ -35,7 +35,7 @@ def prefill_rngs(seed: int, batch: int) -> dict:
 
 def fill_bank(model, variables, memory: dict, split, plan: np.ndarray, *, seed: int,
               height: int, width: int, augment: dict | None, momentum: float, mesh=None,
-              num_threads: int = 2, resize: str = "bicubic") -> dict:
+              num_threads: int = 2, num_workers: int = 0, resize: str = "bicubic") -> dict:
   """`memory` after storing the train-mode part tokens of the images of `plan` [nb, B] (rows of
   `split`), batch after batch, each image in batch order (`objective.update_bank`). Images come
   from `pipeline.train_batches(split, plan, epoch=0, seed=seed, …)`; batch b runs under
@@ -44,6 +44,7 @@ def fill_bank(model, variables, memory: dict, split, plan: np.ndarray, *, seed: 
   rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
   def step(variables, memory, batch, rngs):
+    batch = pipeline.augmented(batch)
     (_, parts, _), _ = model.apply(variables, batch["image"], method="train_outputs",
                                    mutable=["batch_stats"], rngs=rngs)
     return update_bank(memory, parts, batch["index"], batch["label"], momentum)
@@ -53,10 +54,10 @@ def fill_bank(model, variables, memory: dict, split, plan: np.ndarray, *, seed: 
   memory = parallel.replicate(jax.tree.map(np.array, memory), mesh)
   batches = pipeline.train_batches(split, plan, slots=parallel.process_slice(plan.shape[1]),
                                    epoch=0, seed=seed, height=height, width=width,
-                                   augment=augment, num_threads=num_threads, resize=resize)
+                                   augment=augment, num_threads=num_threads, num_workers=num_workers,
+                                   resize=resize)
   for b, batch in enumerate(tqdm(batches, total=len(plan), desc="PAT: part memory pre-fill",
                                  leave=False, dynamic_ncols=True)):
-    batch = {k: batch[k] for k in ("image", "label", "index")}
     memory = fn(variables, memory, parallel.shard_batch(batch, mesh),
                 parallel.replicate(prefill_rngs(seed, b), mesh))
   return jax.tree.map(parallel.replicated_to_host, memory)
@@ -79,7 +80,8 @@ def prefilled_memory(config, split, mesh, state=None) -> dict:
   return fill_bank(model, variables, state.memory, split, plan, seed=c.seed, height=d.height,
                    width=d.width, augment=d.augment.to_dict() if d.augment else None,
                    momentum=float(config.train.pat.memory_momentum), mesh=mesh,
-                   num_threads=d.num_threads, resize=d.get("resize", "bicubic"))
+                   num_threads=d.num_threads, num_workers=d.get("num_workers", 0),
+                   resize=d.get("resize", "bicubic"))
 
 
 def prepare(config, state, split, mesh, log):

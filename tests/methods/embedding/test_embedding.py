@@ -7,7 +7,7 @@ import numpy as np
 
 from configs import embedding
 from jaxreid import objectives as losses
-from jaxreid.data.augment import ERASE_FILL, random_erase
+from jaxreid.data.augment import ERASE_FILL, apply, draw
 from jaxreid.models import init_variables
 from jaxreid.registry import build_model
 from jaxreid.train.optim import lr_schedule, make_optimizer
@@ -66,7 +66,9 @@ def test_warmup_step_schedule_matches_closed_form():
 def test_random_erase_fills_one_rectangle_within_the_area_range():
   image = np.zeros((64, 32, 3), np.uint8)
   for seed in range(20):
-    out = random_erase(image, np.random.default_rng(seed))
+    factors = draw(np.random.default_rng(seed), height=64, width=32, pad=0, flip=False,
+                   rotate_deg=0.0, color_jitter=False, occlusion=False, random_erasing=1.0)
+    out = np.asarray(apply(image[None], jax.tree.map(lambda x: x[None], factors)))[0]
     erased = np.all(out == ERASE_FILL, axis=-1)
     ys, xs = np.nonzero(erased)
     assert erased.sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)        # one filled rectangle

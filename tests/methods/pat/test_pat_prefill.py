@@ -104,12 +104,13 @@ def test_prefill_stores_the_train_mode_part_tokens_of_every_visited_image(synthe
   batches = pipeline.train_batches(split, plan, epoch=0, seed=3, height=64, width=32,
                                    augment=augment, num_threads=1)
   for b, batch in enumerate(batches):
-    _, inter = model.apply(variables, batch["image"], method="train_outputs",
+    images = np.asarray(jax.jit(pipeline.augmented)(batch)["image"])
+    _, inter = model.apply(variables, images, method="train_outputs",
                            mutable=["batch_stats", "intermediates"],
                            rngs=prefill.prefill_rngs(3, b))
     rects = np.asarray(inter["intermediates"]["encoder"]["part_regions"][0])
     regions.append(tuple(rects.ravel()))
-    parts = numpy_tokens(variables, batch["image"], rule_mask(rects, 8, 4), c)[:, 1:4]
+    parts = numpy_tokens(variables, images, rule_mask(rects, 8, 4), c)[:, 1:4]
     for i, j in enumerate(plan[b]):
       want[:, j] = 0.9 * want[:, j] + 0.1 * parts[i] if seen[j] else parts[i]
       seen[j] = True
