@@ -36,20 +36,21 @@ def default_num_workers() -> int:
   return 0 if cores <= 4 else min(8, cores - 2)
 
 
-def _batches(elements: grain.MapDataset, batch_size: int, *, num_threads: int, prefetch: int,
+def _batches(make_batch, num_batches: int, start: int = 0, *, num_threads: int, prefetch: int,
              num_workers: int) -> Iterator:
-  """`elements` in batches of batch_size, made by `num_threads` threads ahead of the reader
-  (`prefetch` batches), and by `num_workers` processes (each with those threads) when > 0;
-  in order either way."""
+  """make_batch(b) for b = start … num_batches − 1, in order, made by `num_threads` threads
+  ahead of the reader (`prefetch` batches), and by `num_workers` processes (each with those
+  threads) when > 0 (−1: `default_num_workers()`)."""
   if num_workers < 0:
     num_workers = default_num_workers()
-  batches = elements.batch(batch_size).to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads,
-      prefetch_buffer_size=max(prefetch, num_threads) if num_threads > 0 else 0))
+  batches = grain.MapDataset.range(start, num_batches).map(make_batch).to_iter_dataset(
+      grain.ReadOptions(num_threads=num_threads,
+                        prefetch_buffer_size=max(prefetch, num_threads) if num_threads else 0))
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():   # grain's workers read absl flags (parsed by the CLI)
       flags.FLAGS.mark_as_parsed()
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=max(2, prefetch)))
   iterator = iter(batches)
   try:
     yield from iterator
@@ -59,27 +60,38 @@ def _batches(elements: grain.MapDataset, batch_size: int, *, num_threads: int, p
       close()
 
 
-class _TrainExample:
-  """Slot `position` of the flattened plan: the resized image, its labels and (with `augment`)
-  its augmentation factors drawn from rng([seed, epoch, batch, slot]). A class rather than a
-  closure, so grain can send it to worker processes."""
+class _TrainBatch:
+  """Batch b of the plan: the slots' resized images, labels, rows and (with `augment`) their
+  augmentation factors, slot s drawn from rng([seed, epoch, b, s]). One grain element per batch
+  (grain's per-element cost is paid once per batch), and a class rather than a closure, so
+  grain can send it to worker processes."""
 
   def __init__(self, split, plan, slot_ids, *, epoch, seed, height, width, augment, resize):
     self.split, self.plan, self.slot_ids = split, plan, slot_ids
     self.epoch, self.seed, self.height, self.width = epoch, seed, height, width
     self.augment, self.resize = augment, resize
 
-  def __call__(self, position: int) -> dict:
-    b, local = divmod(position, len(self.slot_ids))
-    slot = int(self.slot_ids[local])
-    index = int(self.plan[b, slot])
-    image = eval_transform(load_image(self.split, index), height=self.height, width=self.width,
-                           resize=self.resize)
-    out = {"image": image, "label": np.int32(self.split.labels[index]), "index": np.int32(index)}
+  def __call__(self, b: int) -> dict:
+    # In phases (factors, then decoding, then resizing) rather than image by image: each phase's
+    # code and data stay in the CPU caches, which makes the batch ~20 % faster.
+    rows = self.plan[b, self.slot_ids].astype(np.int32)
+    out = {"label": self.split.labels[rows].astype(np.int32), "index": rows}
     if self.augment is not None:
-      rng = np.random.default_rng([self.seed, self.epoch, b, slot])
-      out["augment"] = augment_lib.draw(rng, height=self.height, width=self.width, **self.augment)
+      factors = [augment_lib.draw(np.random.default_rng([self.seed, self.epoch, b, int(slot)]),
+                                  height=self.height, width=self.width, **self.augment)
+                 for slot in self.slot_ids]
+      if factors[0]:   # absent when every transform is off
+        out["augment"] = {k: np.stack([f[k] for f in factors]) for k in factors[0]}
+    out["image"] = _resized(self, [load_image(self.split, int(i)) for i in rows], len(rows))
     return out
+
+
+def _resized(spec, images: list, size: int) -> np.ndarray:
+  """uint8 [size, h, w, 3]: `images` resized as for evaluation, zeros after them."""
+  out = np.zeros((size, spec.height, spec.width, 3), np.uint8)
+  for i, image in enumerate(images):
+    out[i] = eval_transform(image, height=spec.height, width=spec.width, resize=spec.resize)
+  return out
 
 
 def train_batches(split: ReidSplit, plan: np.ndarray, *, epoch: int, start_batch: int = 0,
@@ -103,11 +115,9 @@ def train_batches(split: ReidSplit, plan: np.ndarray, *, epoch: int, start_batch
   if augment is not None:
     augment_lib.check_options(augment)
   slot_ids = np.arange(plan.shape[1])[slots]
-  num_batches, batch_size = plan.shape[0], len(slot_ids)
-  example = _TrainExample(split, plan, slot_ids, epoch=epoch, seed=seed, height=height,
-                          width=width, augment=augment, resize=resize)
-  positions = grain.MapDataset.range(start_batch * batch_size, num_batches * batch_size)
-  yield from _batches(positions.map(example), batch_size, num_threads=num_threads,
+  make_batch = _TrainBatch(split, plan, slot_ids, epoch=epoch, seed=seed, height=height,
+                           width=width, augment=augment, resize=resize)
+  yield from _batches(make_batch, plan.shape[0], start_batch, num_threads=num_threads,
                       prefetch=prefetch, num_workers=num_workers)
 
 
@@ -121,16 +131,14 @@ def augmented(batch: dict) -> dict:
   return {**batch, "image": augment_lib.apply(batch["image"], factors)}
 
 
-class _EvalExample:
-  def __init__(self, split, order, *, height, width, resize):
-    self.split, self.order, self.height, self.width, self.resize = (split, order, height, width,
-                                                                    resize)
+class _EvalBatch:
+  def __init__(self, split, order, *, batch_size, height, width, resize):
+    self.split, self.order, self.batch_size = split, order, batch_size
+    self.height, self.width, self.resize = height, width, resize
 
-  def __call__(self, position: int) -> np.ndarray:
-    if position >= len(self.order):
-      return np.zeros((self.height, self.width, 3), np.uint8)
-    return eval_transform(load_image(self.split, int(self.order[position])), height=self.height,
-                          width=self.width, resize=self.resize)
+  def __call__(self, b: int) -> np.ndarray:
+    rows = self.order[b * self.batch_size:(b + 1) * self.batch_size]
+    return _resized(self, [load_image(self.split, int(i)) for i in rows], self.batch_size)
 
 
 def eval_batches(split: ReidSplit, *, batch_size: int, height: int, width: int,
@@ -140,9 +148,9 @@ def eval_batches(split: ReidSplit, *, batch_size: int, height: int, width: int,
   last batch is zero-padded to batch_size so every batch has one shape."""
   order = np.arange(len(split)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
   total = len(order)
-  padded = -(-total // batch_size) * batch_size
-  example = _EvalExample(split, order, height=height, width=width, resize=resize)
-  batches = _batches(grain.MapDataset.range(padded).map(example), batch_size,
-                     num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
+  make_batch = _EvalBatch(split, order, batch_size=batch_size, height=height, width=width,
+                          resize=resize)
+  batches = _batches(make_batch, -(-total // batch_size), num_threads=num_threads,
+                     prefetch=prefetch, num_workers=num_workers)
   for b, images in enumerate(batches):
     yield {"image": images}, min(batch_size, total - b * batch_size)
