@@ -413,9 +413,9 @@ def section_train(args, record):
   record("train", "jaxreid_qaconv_gs_step_fed", setting="qaconv_gs:market", batch=batch_size,
          steps=steps, images_per_s=float(fed_rate), resident_images_per_s=float(resident_rate),
          input_bound=bool(fed_rate < 0.95 * resident_rate),
-         num_threads=config.data.num_threads,
-         num_workers=pipeline.default_num_workers() if config.data.num_workers < 0
-         else config.data.num_workers, host_cores=os.cpu_count())
+         num_threads_and_workers=list(pipeline.loader_processes(config.data.num_threads,
+                                                                 config.data.num_workers)),
+         host_cores=os.cpu_count())
   import torch_qaconv_gs_step as tq
   m = config.model
   device = torch_device()

@@ -53,7 +53,7 @@ def input_pipeline() -> str:
     transforms = [t.replace("_", " ") for t in TRANSFORMS if (s, f"pillow_{t}") in rate]
     share = "—"
     if s in step and (s, "all") in in_step:
-      share = f"{in_step[(s, 'all')] / 1e6 / step[s]['s_per_image']:.2%}"
+      share = f"{100 * in_step[(s, 'all')] / 1e6 / step[s]['s_per_image']:.2g} %"
     lines.append(
         f"| `{s}` | {size[s][0]}×{size[s][1]} | {', '.join(transforms)} | "
         f"{_n(rate[(s, 'pillow_pipeline')])} | **{_n(rate[(s, 'host_pipeline')])}** | "
@@ -93,10 +93,10 @@ BLOCKS = {"input_pipeline": input_pipeline}
 
 def render(text: str) -> str:
   for name, make in BLOCKS.items():
-    pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(\n<!-- end:{name} -->)", re.S)
+    pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- end:{name} -->)", re.S)
     if not pattern.search(text):
       raise ValueError(f"README.md has no <!-- generated:{name} --> … <!-- end:{name} --> block.")
-    text = pattern.sub(lambda m: m.group(1) + make() + m.group(2), text)
+    text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
   return text
 
 

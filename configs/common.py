@@ -24,10 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.sampler = "gs"                 # "gs" | "pk" | "random"
   c.data.batch_size = 32
   c.data.num_instances = 4
-  # Host input pipeline (grain): threads decode and resize (Pillow releases the GIL); worker
-  # processes, each with num_threads threads (−1: none up to 4 cores, else cores − 2, at most 8).
-  # The augmentation itself runs inside the jitted step (jaxreid/data/augment.py).
-  c.data.num_threads = 2
+  # Host input pipeline (grain): threads decode and resize (Pillow releases the GIL), in this
+  # process and in num_workers worker processes. −1 picks from the core count: threads alone up to
+  # 6 cores, else cores // 4 workers (pipeline.loader_processes). The augmentation itself runs
+  # inside the jitted step (jaxreid/data/augment.py).
+  c.data.num_threads = -1
   c.data.num_workers = -1
   c.data.gs_pre_epochs = 0              # graph sampler: first epochs with a random PK index (v2.0)
   c.data.gs_rerank = False              # graph sampler: re-ranked class distance (v2.0)

@@ -28,21 +28,25 @@ def load_image(split: ReidSplit, index: int) -> np.ndarray:
   return image
 
 
-def default_num_workers() -> int:
-  """Worker processes for `data.num_workers = -1`: none on a machine of up to 4 cores (threads
-  suffice there: Pillow's decoding and resizing release the GIL), else one per core left after
-  the trainer's two, at most 8 (each worker imports the library: ~0.3 GB)."""
+def loader_processes(num_threads: int, num_workers: int) -> tuple[int, int]:
+  """(threads per process, worker processes) for data.num_threads / data.num_workers, where −1
+  picks from the core count: threads alone up to 6 cores (Pillow's decoding and resizing release
+  the GIL, ~80 % of the per-image time), else cores // 4 workers (each imports the library:
+  ~0.3 GB) that share the cores with their threads."""
   cores = os.cpu_count() or 1
-  return 0 if cores <= 4 else min(8, cores - 2)
+  if num_workers < 0:
+    num_workers = 0 if cores <= 6 else cores // 4
+  if num_threads < 0:
+    num_threads = max(1, cores // max(1, num_workers))
+  return num_threads, num_workers
 
 
 def _batches(make_batch, num_batches: int, start: int = 0, *, num_threads: int, prefetch: int,
              num_workers: int) -> Iterator:
   """make_batch(b) for b = start … num_batches − 1, in order, made by `num_threads` threads
   ahead of the reader (`prefetch` batches), and by `num_workers` processes (each with those
-  threads) when > 0 (−1: `default_num_workers()`)."""
-  if num_workers < 0:
-    num_workers = default_num_workers()
+  threads) when > 0 (−1: `loader_processes`)."""
+  num_threads, num_workers = loader_processes(num_threads, num_workers)
   batches = grain.MapDataset.range(start, num_batches).map(make_batch).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads,
                         prefetch_buffer_size=max(prefetch, num_threads) if num_threads else 0))
@@ -106,7 +110,8 @@ def train_batches(split: ReidSplit, plan: np.ndarray, *, epoch: int, start_batch
   The factors of slot s of batch b come from rng([seed, epoch, b, s]) only, so a run resumed at
   any batch, or split over any number of processes or workers, sees the same images. `augment`
   holds `augment.draw`'s keyword arguments (data.augment); None means resize only. `prefetch`
-  counts batches; `num_workers`: grain worker processes (−1: `default_num_workers()`).
+  counts batches; `num_threads`, `num_workers`: grain threads per process and worker
+  processes (−1: `loader_processes` picks from the core count).
   `resize`: the interpolation (data.resize: bicubic or bilinear).
   """
   plan = np.asarray(plan)

@@ -68,11 +68,9 @@ def validate(config, kind: str) -> None:
   positive_int("eval.batch_size", config.eval.batch_size)
   for name in ("num_threads", "num_workers"):
     value = d.get(name, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < (-1 if name == "num_workers"
-                                                                          else 0):
-      raise ValueError(f"data.{name}={value!r} must be an integer ≥ 0"
-                       + (" (−1: one per core left to the trainer)." if name == "num_workers"
-                          else "."))
+    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+      raise ValueError(f"data.{name}={value!r} must be an integer ≥ −1 (−1: chosen from the "
+                       "core count).")
   if d.get("augment"):
     augment.check_options(d.augment.to_dict())
   if config.get("model") is None or "backbone" not in config.model and "depth" not in config.model:
