@@ -258,6 +258,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None) -> 
   workdir/results.json and workdir/retrieval.npz."""
   from jaxreid import parallel
   from jaxreid.eval.evaluator import evaluate_matcher, write_results
+  from jaxreid.train import preflight
+  preflight.validate_eval(config)
   loaded = load(config, checkpoint)
   eval_config = config.copy_and_resolve_references()
   with eval_config.unlocked():

@@ -3,8 +3,15 @@
 Each checkpoint holds four items: `variables` (params, batch_stats), `train` (optimiser state,
 class memory, RNG, step), `data` (epoch, next batch, the epoch's batch plan) and `config`.
 Evaluation restores `variables` and `config` only.
+
+Once a checkpoint is written, `checksums.json` in its folder records the SHA-256 of each of its
+files; a restore (resume or evaluation) verifies them first, so silent damage (flipped bits) is
+found like a truncated file: a resume falls back to the checkpoint before it, an evaluation says
+the checkpoint is damaged.
 """
 import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -43,6 +50,8 @@ class Checkpointer:
     if step in self.last.all_steps():
       return
     with _writing(self.last.directory):
+      self.last.wait_until_finished()   # the previous write: sealed before the next starts
+      _seal(self.last.directory)
       self.last.save(step, args=_save_args(state, data_state, config), force=force)
 
   def save_best(self, state, config, metrics: dict) -> None:
@@ -50,6 +59,8 @@ class Checkpointer:
     if step in self.best.all_steps():
       return
     with _writing(self.best.directory):
+      self.best.wait_until_finished()
+      _seal(self.best.directory)
       self.best.save(step, metrics={"mAP": float(metrics["mAP"])}, args=ocp.args.Composite(
           variables=ocp.args.StandardSave(_variables(state)),
           config=ocp.args.JsonSave(config.to_dict())))
@@ -61,6 +72,7 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     for step in sorted(self.last.all_steps(), reverse=True):
       try:
+        verify(self.last.directory / str(step))
         _check_shapes(self.last.item_metadata(step)["variables"], _variables(abstract),
                       self.last.directory / str(step))
         out = self.last.restore(step, args=ocp.args.Composite(
@@ -70,6 +82,11 @@ class Checkpointer:
       except IncompatibleCheckpoint:
         raise
       except Exception as e:  # noqa: BLE001 - any read error: fall back to the previous one
+        if "tree structure" in str(e):   # it reads, but holds another optimiser or memory
+          raise IncompatibleCheckpoint(
+              f"checkpoint {self.last.directory / str(step)} holds the optimiser state or "
+              "memory of another config (train.optimizer, train.loss, …); resume with the run's "
+              "own config, or use another --workdir.") from None
         self._set_aside(step, e)
         continue
       restored = state.replace(params=out.variables["params"],
@@ -84,22 +101,76 @@ class Checkpointer:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
       target = target.with_name(f"{step}-{len(list(target.parent.iterdir()))}")
+    earlier = any(s < step for s in self.last.all_steps())
     warnings.warn(f"checkpoint {source} cannot be read ({_first_line(error)}); moved to "
-                  f"{target}, resuming from the checkpoint before it.", stacklevel=3)
+                  f"{target}, " + ("resuming from the checkpoint before it." if earlier else
+                                   "and there is none before it: training starts afresh."),
+                  stacklevel=3)
     if jax.process_index() == 0:
       shutil.move(str(source), str(target))
     self.last.reload()
 
   def wait(self) -> None:
-    """Blocks until the asynchronous writes are done; CheckpointWriteError if one failed."""
+    """Blocks until the asynchronous writes are done and seals them; CheckpointWriteError if
+    one failed."""
     for manager in (self.last, self.best):
       with _writing(manager.directory):
         manager.wait_until_finished()
+        _seal(manager.directory)
 
   def close(self) -> None:
     for manager in (self.last, self.best):
       with _writing(manager.directory):
         manager.close()
+
+
+CHECKSUMS = "checksums.json"
+
+
+class DamagedCheckpoint(ValueError):
+  """A checkpoint whose files no longer have the checksums recorded when it was written."""
+
+
+def _files(step_dir: Path) -> list[Path]:
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _seal(directory: Path) -> None:
+  """Writes checksums.json into every finished (committed) step folder of `directory` that has
+  none yet; process 0 only."""
+  if jax.process_index() != 0 or not Path(directory).is_dir():
+    return
+  for step_dir in Path(directory).iterdir():
+    if (step_dir.name.isdigit() and (step_dir / "commit_success.txt").exists()
+        and not (step_dir / CHECKSUMS).exists()):
+      sums = {str(p.relative_to(step_dir)): _sha256(p) for p in _files(step_dir)}
+      partial = step_dir / f".{CHECKSUMS}.partial"
+      partial.write_text(json.dumps(sums, indent=0))
+      os.replace(partial, step_dir / CHECKSUMS)
+
+
+def verify(step_dir: Path) -> None:
+  """DamagedCheckpoint when a file of `step_dir` is missing or differs from checksums.json
+  (a checkpoint without one, written before it was sealed, is taken as it is)."""
+  step_dir = Path(step_dir)
+  try:
+    sums = json.loads((step_dir / CHECKSUMS).read_text())
+  except FileNotFoundError:
+    return
+  except ValueError:
+    raise DamagedCheckpoint(f"{step_dir / CHECKSUMS} is unreadable") from None
+  for name, digest in sums.items():
+    path = step_dir / name
+    if not path.is_file() or _sha256(path) != digest:
+      raise DamagedCheckpoint(f"{name} differs from the checksum recorded when it was written")
 
 
 class CheckpointWriteError(OSError):
@@ -187,6 +258,7 @@ def restore_for_eval(path: str):
       "variables": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
+    verify(directory / str(step))
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
                           manager.item_metadata(step)["variables"])
     out = manager.restore(step, args=ocp.args.Composite(
@@ -211,7 +283,8 @@ def _tuples(tree):
 
 
 def _check_shapes(saved, expected, where) -> None:
-  """Raises IncompatibleCheckpoint when the saved variables' names or shapes differ."""
+  """Raises IncompatibleCheckpoint when the saved arrays' names or shapes differ from
+  `expected`'s (a checkpoint that reads but does not fit is not corrupt: nothing is moved)."""
   saved = getattr(saved, "tree", saved)
   saved_flat = {jax.tree_util.keystr(k): tuple(v.shape)
                 for k, v in jax.tree_util.tree_leaves_with_path(saved)}
@@ -225,7 +298,7 @@ def _check_shapes(saved, expected, where) -> None:
   raise IncompatibleCheckpoint(
       f"checkpoint {where} holds another model than this config builds (first difference: "
       f"{key} {saved_flat.get(key, 'missing')} saved, {expected_flat.get(key, 'missing')} "
-      "here); use another --workdir.")
+      "here); resume with the run's own config, or use another --workdir.")
 
 
 def _first_line(error: Exception) -> str:

@@ -12,6 +12,7 @@ non-training modes do is in jaxreid.tools (describe: jaxreid.config_help), usabl
   python main.py --config qaconv_gs --mode=export                 # StableHLO encode/match to serve
   python main.py --config transmatcher --mode=describe            # fields, comments and settings
 """
+import errno
 import json
 import os
 import sys
@@ -208,12 +209,35 @@ def main(argv):
   print(json.dumps(results.get("test", results), indent=2))
 
 
+def _drop_closed_event_loop_reports() -> None:
+  """After a failed asynchronous checkpoint write (a full disk), every TensorStore write still
+  pending reports "Event loop is closed" through sys.excepthook / sys.unraisablehook, one
+  traceback each; the failure itself is the one sentence the checkpointer raises."""
+  def closed_loop(value) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  sys.excepthook = lambda kind, value, tb: None if closed_loop(value) else excepthook(kind, value,
+                                                                                      tb)
+  sys.unraisablehook = lambda u: None if closed_loop(u.exc_value) else unraisablehook(u)
+
+
 def run():
   flags.mark_flag_as_required("config")
+  _drop_closed_event_loop_reports()
   try:
     app.run(main, flags_parser=parse_flags)
   except (ValueError, OSError, KeyError) as e:  # one clear sentence, no traceback
     print(f"error: {e}", file=sys.stderr)
+    if "No space left on device" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+      # Exit without the interpreter's shutdown: TensorBoard's atexit flush, its writer thread
+      # and the abandoned checkpoint tasks would each fail again on the full disk, with a
+      # traceback apiece, after the sentence that says what happened.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      import logging as std_logging
+      std_logging.shutdown()
+      os._exit(2)
     sys.exit(2)
   except KeyboardInterrupt as e:   # SIGINT/SIGTERM: the training loop saved what it had
     import signal

@@ -229,6 +229,16 @@ def image_files(spec: str | None, flag: str) -> tuple[list, list[str]]:
   return paths, names
 
 
+def _rgb8(image):
+  """uint8 H×W×3 of a Pillow image; 16-bit and 32-bit grey images (mode I;16*, I) are scaled
+  from their 0–65535 range instead of clipped (Pillow's convert("RGB") clips them to white)."""
+  import numpy as np
+  if image.mode.startswith("I"):
+    grey = np.asarray(image).astype(np.float64)
+    return np.repeat(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)[..., None], 3, -1)
+  return np.asarray(image.convert("RGB"))
+
+
 def load_images(paths, size: tuple[int, int], resize: str = "bicubic"):
   """uint8 [N, h, w, 3] of image files, resized as the evaluation pipeline resizes
   (jaxreid.data.augment.eval_transform); a ValueError names an unreadable file."""
@@ -240,7 +250,7 @@ def load_images(paths, size: tuple[int, int], resize: str = "bicubic"):
   for i, path in enumerate(paths):
     try:
       with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
+        array = _rgb8(image)
     except Exception as e:  # any decoder failure means the same thing to the user
       raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); remove it or "
                        "replace it with a readable JPEG or PNG.") from e

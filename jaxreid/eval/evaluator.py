@@ -201,7 +201,8 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
   if config.eval.distance not in DISTANCES:
     raise ValueError(f"eval.distance must be one of {DISTANCES}; got {config.eval.distance!r}.")
   data_dir = config.dataset.data_dir
-  results = {"test": {}, "paper": config.eval.paper.to_dict()}
+  results = {"test": {}, "paper": config.eval.paper.to_dict(),
+             "eval_settings": eval_settings(config)}
   retrieval = {}
   stream = (refine is None and not config.eval.get("rescore_top_k", 0)
             and config.eval.get("stream", True))
@@ -250,7 +251,12 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
       retrieval[f"{title}/query_filenames"] = np.asarray(query.filenames)
       retrieval[f"{title}/gallery_filenames"] = np.asarray(gallery.filenames)
   if retrieval and jax.process_index() == 0:
-    np.savez(Path(workdir) / "retrieval.npz", **retrieval)
+    try:
+      np.savez(Path(workdir) / "retrieval.npz", **retrieval)
+    except OSError as e:
+      raise OSError(f"could not write {Path(workdir) / 'retrieval.npz'} ({e.strerror or e}); the "
+                    "run's checkpoints are intact: free disk space, then rerun to evaluate "
+                    "again") from None
   return results
 
 
@@ -335,10 +341,34 @@ def score_distance(scores, kind="sigmoid"):
   raise ValueError(f"distance kind must be one of {DISTANCES}; got {kind!r}.")
 
 
+def eval_settings(config) -> dict:
+  """What an evaluation's results depend on besides the model: the test sets and the eval
+  fields (the paper's reference numbers aside), as JSON stores them."""
+  settings = {"test": config.dataset.test,
+              "eval": {k: v for k, v in config.eval.to_dict().items() if k != "paper"}}
+  return json.loads(json.dumps(settings))
+
+
 def write_results(workdir, results: dict) -> Path:
-  """workdir/results.json, replaced whole (a kill mid-write leaves the previous file)."""
+  """workdir/results.json, replaced whole (a kill mid-write leaves the previous file); earlier
+  results of another step or other settings are kept in workdir/results_history/."""
   path = Path(workdir) / "results.json"
+  try:
+    previous = json.loads(path.read_text())
+  except (OSError, ValueError):
+    previous = None
+  if previous and previous.get("test") and (previous.get("step"), previous.get("eval_settings")) != (
+      results.get("step"), results.get("eval_settings")):
+    history = path.with_name("results_history")
+    history.mkdir(exist_ok=True)
+    (history / f"{len(list(history.glob('*.json'))):03d}.json").write_text(
+        json.dumps(previous, indent=2))
   partial = path.with_name(f".results.json.{os.getpid()}.partial")
-  partial.write_text(json.dumps(results, indent=2))
-  os.replace(partial, path)
+  try:
+    partial.write_text(json.dumps(results, indent=2))
+    os.replace(partial, path)
+  except OSError as e:
+    partial.unlink(missing_ok=True)
+    raise OSError(f"could not write {path} ({e.strerror or e}); the run's checkpoints are "
+                  "intact: free disk space, then rerun to evaluate again") from None
   return path

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from jaxreid import backbones, parallel
 from jaxreid.checkpoint import Checkpointer, has_checkpoint
 from jaxreid.data import datasets, pipeline, samplers
-from jaxreid.eval.evaluator import evaluate_matcher, extract, match_fn, write_results
+from jaxreid.eval.evaluator import (eval_settings, evaluate_matcher, extract, match_fn,
+                                    write_results)
 from jaxreid.eval.scoring import score_matrix
 from jaxreid.models import init_variables
 from jaxreid.objectives import Objective
@@ -222,7 +223,7 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
         signalled = signals.received is not None
         if step % task.log_every_steps == 0 or b == len(plan) - 1 or save_now or stop_now:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          check_divergence(m, step, prefix, log, first_losses)
+          check_divergence(m, step, prefix, log, first_losses, bool(ckpt.last.all_steps()))
           bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.3f}")
           for k, v in m.items():
             writer.add_scalar(f"{tag}train/{k}", v, step)
@@ -243,7 +244,8 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
           log.info("%sstopped at step %d (stop_at_step); rerun to resume", prefix, step)
           return None, state
       bar.close()
-      check_divergence({"loss": float(loss_sum)}, int(state.step), prefix, log, first_losses)
+      check_divergence({"loss": float(loss_sum)}, int(state.step), prefix, log, first_losses,
+                       bool(ckpt.last.all_steps()))
       last_epoch = task.epochs
       if loss_count:
         mean_loss = float(loss_sum) / loss_count
@@ -266,10 +268,27 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
         ckpt.save_best(state, task.config, next(iter(results["test"].values())))
         log.info("%sepoch %d eval: %s", prefix, epoch + 1, json.dumps(results["test"]))
   finally:
-    signals.uninstall()
-    ckpt.wait()
-    ckpt.close()
+    clean_up(signals.uninstall, ckpt.wait, ckpt.close)
   return results, state
+
+
+def clean_up(*steps: Callable[[], Any]) -> None:
+  """Runs every step of a `finally` block. While an error is already propagating, a step that
+  fails (a full disk again, a closed event loop) is logged and never replaces that error;
+  otherwise the first failure is raised after all steps ran."""
+  propagating = sys.exc_info()[1] is not None
+  first = None
+  for step in steps:
+    try:
+      step()
+    except Exception as e:  # noqa: BLE001 - whatever a cleanup raises
+      if propagating:   # the error that stopped the run is the one reported
+        logging.getLogger(__name__).info("while stopping, %s failed: %s",
+                                         getattr(step, "__qualname__", step), e)
+      elif first is None:
+        first = e
+  if first is not None:
+    raise first
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -331,16 +350,19 @@ class TrainingDiverged(ValueError):
 EXPLOSION_FACTOR = 1e4   # a loss this many times the first logged one is warned about (once)
 
 
-def check_divergence(metrics: dict, step: int, prefix: str, log, first_losses: list) -> None:
+def check_divergence(metrics: dict, step: int, prefix: str, log, first_losses: list,
+                     saved: bool = True) -> None:
   """Raises TrainingDiverged for a non-finite loss, gradient norm or norm of the updated
   parameters (called before the step's checkpoint, so the last checkpoint stays the last good
-  one); warns once when the loss grows past EXPLOSION_FACTOR × the first logged loss."""
+  one; `saved`: whether there is one); warns once when the loss grows past EXPLOSION_FACTOR ×
+  the first logged loss."""
   for name in ("loss", "grad_norm", "param_norm"):
     value = metrics.get(name)
     if value is not None and not np.isfinite(value):
-      raise TrainingDiverged(f"{prefix}training diverged at step {step}: {name} {value}; the last "
-                             "checkpoint before it is kept; lower train.lr or set "
-                             "train.clip_norm")
+      kept = ("the last checkpoint before it is kept" if saved else
+              "nothing was saved (no checkpoint before it)")
+      raise TrainingDiverged(f"{prefix}training diverged at step {step}: {name} {value}; {kept}; "
+                             "lower train.lr or set train.clip_norm")
   loss = metrics["loss"]
   if not first_losses:
     first_losses.append(abs(loss))
@@ -389,6 +411,8 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
                       if hasattr(sampler, "epoch_lengths") else sampler.num_batches)
   state = create_train_state(config, model, tx, objective, train_split.num_classes,
                              jax.random.key(config.seed))
+  train_step = make_train_step(model, tx, objective, config.train)
+  preflight.check_step_fields(train_step, state, config)
   if objective.prepare is not None and not has_checkpoint(workdir):
     state = objective.prepare(config, state, train_split, mesh, log)
   d, t = config.data, config.train
@@ -401,11 +425,17 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
         num_workers=d.get("num_workers", 0), resize=d.get("resize", "bicubic"))
 
   def evaluate(state):
+    previous = read_results(workdir)
+    if previous is not None and (previous.get("step"), previous.get("eval_settings")) == (
+        int(state.step), eval_settings(config)):
+      log.info("step %d was evaluated with these settings before; results.json is kept",
+               int(state.step))
+      return previous
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return evaluate_matcher(config, model, variables, mesh, workdir=workdir)
 
   task = Task(
-      name="", state=state, step=make_train_step(model, tx, objective, t), epochs=t.epochs,
+      name="", state=state, step=train_step, epochs=t.epochs,
       plan=lambda epoch, state: epoch_plan(config, sampler, model, state, train_split, mesh,
                                            epoch),
       batches=batches, evaluate=evaluate, config=config, checkpoint_dir=workdir, mesh=mesh,
@@ -417,15 +447,11 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
   try:
     results, state = run(task, log, writer)
   finally:
-    writer.close()
+    clean_up(writer.close)
   if results is None:
     return {}
-  if not results:   # every epoch was already done: this is a rerun of a finished run
-    previous = read_results(workdir)
-    if previous is not None:
-      log.info("the run had finished; its results.json is kept")
-      return previous
-    results = evaluate(state)   # finished, but killed before its results were written
+  if not results:   # every epoch was already done: a rerun of a finished run, evaluated again
+    results = evaluate(state)   # unless results.json holds this step under these settings
   results["step"] = int(state.step)
   write_results(workdir, results)
   return results
@@ -441,10 +467,18 @@ def read_results(workdir: Path) -> dict | None:
   return results if isinstance(results, dict) and results.get("test") else None
 
 
+class _TrainLogHandler(logging.FileHandler):
+  """train.log. A line that cannot be written (a full disk) is dropped without the traceback
+  logging prints per failed line: the checkpoint write that follows says what is wrong."""
+
+  def handleError(self, record):
+    del record
+
+
 def file_logger(workdir: Path) -> logging.Logger:
   log = logging.getLogger(f"jaxreid.{workdir.absolute()}")
   if not log.handlers:
-    handler = logging.FileHandler(workdir / "train.log")
+    handler = _TrainLogHandler(workdir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -453,10 +487,36 @@ def file_logger(workdir: Path) -> logging.Logger:
 
 
 def summary_writer(workdir: Path):
-  from tensorboardX import SummaryWriter
   if jax.process_index() != 0:
     return _NullWriter()
-  return SummaryWriter(str(workdir / "tensorboard"))
+  return _Summaries(workdir / "tensorboard")
+
+
+class _Summaries:
+  """tensorboardX's SummaryWriter whose failed writes (a full disk) are one sentence naming
+  the folder."""
+
+  def __init__(self, directory: Path):
+    from tensorboardX import SummaryWriter
+    self.directory = directory
+    self._writer = SummaryWriter(str(directory))
+
+  def _failed(self, e: OSError) -> OSError:
+    return OSError(f"could not write TensorBoard events under {self.directory} "
+                   f"({e.strerror or e}); the checkpoints are intact: free disk space, then rerun "
+                   "to resume")
+
+  def add_scalar(self, *args, **kwargs):
+    try:
+      self._writer.add_scalar(*args, **kwargs)
+    except OSError as e:
+      raise self._failed(e) from None
+
+  def close(self):
+    try:
+      self._writer.close()
+    except OSError as e:
+      raise self._failed(e) from None
 
 
 class _NullWriter:

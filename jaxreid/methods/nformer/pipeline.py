@@ -107,7 +107,7 @@ def train_stage2(config, features: np.ndarray | None, labels: np.ndarray, num_cl
   try:
     results, state = loop.run(task, log or logging.getLogger(__name__), writer)
   finally:
-    writer.close()
+    loop.clean_up(writer.close)
   if results is None:
     return {}, state
   return {"params": state.params, "batch_stats": state.batch_stats}, state
