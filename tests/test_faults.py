@@ -184,7 +184,8 @@ def test_flipped_bits_in_any_checkpoint_file_kind_are_found_on_restore(tmp_path,
   config = qaconv_gs.get_config()
   ckpt = Checkpointer(tmp_path, keep=2)
   for step in (4, 6):
-    state = State(step=np.int32(step), params=jax.tree.map(lambda x: x + step, params),
+    state = State(step=jax.numpy.asarray(step, jax.numpy.int32),
+                  params=jax.tree.map(lambda x: jax.numpy.asarray(x + step), params),
                   batch_stats={}, opt_state=tx.init(params), memory={},
                   rng=jax.random.key(step))
     ckpt.save(state, {"epoch": 0, "batch": step, "plan": np.arange(2048).reshape(64, 32)},

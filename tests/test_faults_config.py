@@ -189,3 +189,18 @@ def test_a_write_that_fails_is_one_sentence_and_cleanup_never_replaces_it(
   if site == "results":
     assert f"could not write {tmp_path / 'results.json'}" in line
     assert any((tmp_path / "best").glob("[0-9]*"))     # the trained model is kept
+
+
+def test_16_bit_grey_pngs_are_scaled_not_clipped(tmp_path):
+  import numpy as np
+  from PIL import Image
+  from jaxreid.tools import load_images
+  grey = (np.arange(64 * 32).reshape(64, 32) * 32).astype(np.uint16)     # 0 … 65,504
+  path = tmp_path / "grey16.png"
+  Image.fromarray(grey).save(path)
+  with Image.open(path) as image:
+    assert image.mode.startswith("I")                                   # read as 16-bit
+  (out,) = load_images([path], (64, 32))
+  np.testing.assert_array_equal(out[..., 0], np.rint(grey / 257.0).astype(np.uint8))
+  assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()
+  assert 0 < (out[..., 0] == 255).mean() < 0.01       # Pillow's convert("RGB") whitened 99 %

@@ -126,10 +126,11 @@ def validate(config, kind: str) -> None:
 # A run resumes with the config it started with, except these fields (a prefix ending in "."
 # covers a section): where it stops, how often it logs, checkpoints and evaluates, how it
 # evaluates and on which test sets, where its data live and how the host loads them, the
-# ImageNet file read only before the first step, and the learning rate and clipping (what a
-# diverged run is resumed with).
+# ImageNet file read only before the first step, the learning rate and clipping (what a
+# diverged run is resumed with), and NFormer's stage-2 fields (stage 2 keeps checkpoints of its
+# own, which stage 1's run never reads).
 RESUMABLE = ("train.stop_at_step", "train.log_every_steps", "train.checkpoint_every_steps",
-             "train.lr", "train.clip_norm",
+             "train.lr", "train.clip_norm", "nformer.",
              "train.keep_checkpoints", "train.eval_every_epochs", "eval.", "dataset.test",
              "dataset.data_dir", "dataset.manual_dir", "dataset.skip_bad_images",
              "data.num_threads", "data.num_workers", "model.pretrained")
