@@ -123,12 +123,17 @@ def test_a_second_run_on_a_workdir_in_use_stops_at_once(synthetic_data_dir, tmp_
   assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints").exists()
 
 
+def _stopped_run(data_dir, workdir, step: int) -> None:
+  """The tiny run of the reference, checkpointed every 2 steps and stopped at `step`."""
+  config = tiny(qaconv_gs.get_config(), data_dir, epochs=1)
+  config.train.update(checkpoint_every_steps=2, stop_at_step=step)
+  assert train_and_evaluate(config, workdir) == {}
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     reference_run, synthetic_data_dir, tmp_path):
   _, reference = reference_run
-  config = tiny(qaconv_gs.get_config(), synthetic_data_dir, epochs=1)
-  config.train.update(checkpoint_every_steps=2, stop_at_step=4)
-  assert train_and_evaluate(config, tmp_path) == {}
+  _stopped_run(synthetic_data_dir, tmp_path, 4)
   latest = tmp_path / "checkpoints" / "4"
   damaged = [f for f in latest.rglob("*") if f.is_file() and f.stat().st_size > 1000]
   assert damaged
@@ -204,9 +209,7 @@ def test_flipped_bits_in_any_checkpoint_file_kind_are_found_on_restore(tmp_path,
 def test_flipped_bits_in_the_latest_checkpoint_resume_from_the_one_before(
     reference_run, synthetic_data_dir, tmp_path):
   _, reference = reference_run
-  config = tiny(qaconv_gs.get_config(), synthetic_data_dir, epochs=1)
-  config.train.update(checkpoint_every_steps=2, stop_at_step=6)
-  assert train_and_evaluate(config, tmp_path) == {}
+  _stopped_run(synthetic_data_dir, tmp_path, 6)
   _flip_bytes(_largest_file(tmp_path / "checkpoints" / "6" / "variables"))
   with pytest.warns(UserWarning, match=r"differs from the checksum"):
     resumed = train_and_evaluate(tiny(qaconv_gs.get_config(), synthetic_data_dir, epochs=1),
