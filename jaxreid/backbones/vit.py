@@ -158,13 +158,16 @@ class VisionTransformer(nn.Module):
     return tokens[:, 1 + self.part_tokens:].reshape(b, h, w, self.dim)
 
   @nn.compact
-  def tokens(self, x, train: bool = False, mask=None):
-    """[cls, part_1…part_P, patches] after the final LayerNorm, [B, 1 + P + h·w, D]; `mask`
-    [N, N] or [B, N, N] (True = may attend) restricts every block's attention."""
+  def tokens(self, x, train: bool = False, mask=None, dtype=None, norm_dtype=None):
+    """[cls, part_1…part_P, patches] after the final LayerNorm, float32 [B, 1 + P + h·w, D];
+    `mask` [N, N] or [B, N, N] (True = may attend) restricts every block's attention. `dtype`
+    computes the patch embedding and blocks, `norm_dtype` the final LayerNorm, in this call
+    (default: the module's dtype)."""
     if self.dim % self.heads:
       raise ValueError(f"model.vit_dim={self.dim} is not divisible by model.vit_heads="
                        f"{self.heads}.")
-    x = self.patch_embed(x.astype(self.dtype))
+    dtype = dtype or self.dtype
+    x = self.patch_embed(x.astype(dtype), dtype)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     cls = self.param("cls_token", trunc02, (1, 1, d), jnp.float32)
@@ -173,18 +176,19 @@ class VisionTransformer(nn.Module):
       parts = self.param("part_tokens", lambda key, shape: jnp.tile(cls, (1, shape[1], 1)),
                          (1, self.part_tokens, d))
       extra.append(parts)
-    lead = jnp.broadcast_to(jnp.concatenate(extra, axis=1).astype(self.dtype),
+    lead = jnp.broadcast_to(jnp.concatenate(extra, axis=1).astype(dtype),
                             (b, 1 + self.part_tokens, d))
     x = jnp.concatenate([lead, x], axis=1)
     pos = self.param("pos_embed", trunc02, (1, x.shape[1], d), jnp.float32)
-    x = x + pos.astype(self.dtype)
+    x = x + pos.astype(dtype)
     rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth > 1 else [0.0]
     for i in range(self.depth):
       x = Block(self.dim, self.heads, self.mlp_ratio, self.qkv_bias, self.qk_scale,
-                float(rates[i]), self.dtype, name=f"blocks_{i}")(x, mask, train)
-    return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x).astype(jnp.float32)
+                float(rates[i]), dtype, name=f"blocks_{i}")(x, mask, train)
+    norm = nn.LayerNorm(epsilon=LN_EPS, dtype=norm_dtype or self.dtype, name="norm")
+    return norm(x).astype(jnp.float32)
 
-  def patch_embed(self, x):
+  def patch_embed(self, x, dtype):
     """Conv(patch × patch, stride) over the image, VALID padding: [B, h, w, D]."""
     cin = x.shape[-1]
     k = (self.patch, self.patch, cin, self.dim)
@@ -200,9 +204,9 @@ class VisionTransformer(nn.Module):
       kernel = self.param("patch_embed_kernel", kernel_init, k, jnp.float32)
       bias = self.param("patch_embed_bias", nn.initializers.zeros, (self.dim,), jnp.float32)
     y = jax.lax.conv_general_dilated(
-        x, kernel.astype(self.dtype), (self.stride, self.stride), "VALID",
+        x, kernel.astype(dtype), (self.stride, self.stride), "VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + bias.astype(self.dtype)
+    return y + bias.astype(dtype)
 
 
 def from_config(model_cfg, dtype) -> VisionTransformer:

@@ -1,6 +1,12 @@
 """The official PAT checkpoint (`model.state_dict()` of `build_part_attention_vit`, as the
 official processor saves it) ↔ PAT's variables (docs/methods/pat.md).
 
+The official trainer writes two kinds of file, both plain state dicts: per-epoch files of the
+training model (a classifier of one row per training id; keys prefixed 'module.' under
+distributed training) and, at the end, the final file of the evaluation model, built with no
+classes: 'classifier.weight' of shape (0, D). A classifier with no rows loads as a model
+without one (num_classes = 0).
+
 Layout: 'base.*' the part-attention ViT (cls_token, part_token1…3, pos_embed [1, 4 + h·w, D],
 patch_embed.proj, blocks.i.{norm1, part_attn.qkv, part_attn.proj, norm2, mlp.fc1, mlp.fc2}, norm,
 and an unused 'fc' head), 'bottleneck.*' the BNNeck, 'classifier.weight'. The variant is read from
@@ -48,14 +54,15 @@ def convert(state, input_size):
                vit_heads=8 if small else max(1, dim // 64), vit_mlp_ratio=float(ratio),
                vit_qkv_bias=qkv_bias, vit_qk_scale=768 ** -0.5 if small else 0.0,
                patch_size=patch, stride_size=stride, part_tokens=3, freeze_patch_embed=False,
-               input_norm="half", neck=0, num_classes=0)
+               input_norm="half", neck=0, num_classes=0, input_height=height,
+               input_width=width)
   grid = vit.grid_size(height, width, patch, stride)
   used = {k: v for k, v in base.items() if not k.startswith("fc.")}
   backbone, _ = vit.timm_to_flax(used, grid, part_tokens=3, attn_name="part_attn")
   head = {"bottleneck": {"scale": f32("bottleneck.weight")}}
   if np.any(f32("bottleneck.bias") != 0):
     raise ValueError("bottleneck.bias is not zero: PAT's BNNeck bias is frozen at zero.")
-  if "classifier.weight" in flat:
+  if "classifier.weight" in flat and np.shape(flat["classifier.weight"])[0] > 0:
     head["classifier"] = {"kernel": f32("classifier.weight").T}
     model["num_classes"] = int(flat["classifier.weight"].shape[0])
   variables = {"params": {"encoder": {"backbone": backbone}, "head": head},

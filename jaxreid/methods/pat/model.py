@@ -75,14 +75,6 @@ def part_mask(rects, h: int, w: int) -> jax.Array:
   return mask
 
 
-class ClassToken(nn.Module):
-  """Tokens [B, N, D] → the class token [B, D]."""
-
-  @nn.compact
-  def __call__(self, tokens):
-    return tokens[:, 0].astype(jnp.float32)
-
-
 class PATEncoder(nn.Module):
   """Pixels → input normalisation → the ViT `backbone` (with part tokens) under the part-aware
   mask → all tokens after the final LayerNorm [B, 4 + h·w, D]."""
@@ -107,7 +99,12 @@ class PATEncoder(nn.Module):
     else:
       rects = jnp.asarray(bands(h, w))
     self.sow("intermediates", "part_regions", rects)
-    return vb.tokens(x.astype(vb.dtype), train, part_mask(rects, h, w))
+    # Evaluation runs in float32 as the official test does; training keeps the module's dtype
+    # (bfloat16 under train.bf16, like the official fp16 autocast) in the patch embedding and
+    # blocks, with the final LayerNorm in float32 as autocast runs it: the CSL memory and the
+    # class token stay float32.
+    return vb.tokens(x, train, part_mask(rects, h, w), dtype=None if train else jnp.float32,
+                     norm_dtype=jnp.float32)
 
 
 class PATModel(nn.Module):

@@ -1,5 +1,6 @@
-"""PAT's parts against independent references: the part-aware mask against the rule written
-pair by pair; masked attention against a dense NumPy computation; CSL, PSD and the soft-margin
+"""PAT's parts against independent references: the part-aware mask against a NumPy transcription
+of the authors' `attn_mask_generate` and against the rule written pair by pair; float32
+evaluation and float32 part tokens under bfloat16 training; masked attention against a dense NumPy computation; CSL, PSD and the soft-margin
 triplet against brute-force NumPy on a small bank; the memory bank's update order (sequential,
 first visit stores, before the loss)."""
 from collections import Counter
@@ -40,6 +41,87 @@ def rule_mask(rects, h, w):
       else:                                     # patch → the parts whose region holds it
         out[q, k] = region(k - 1, q)
   return out
+
+
+def official_2d_mask(h, w, left, top, width, height, part, cls_label, sample):
+  """NumPy transcription of the authors' `generate_2d_mask`; `sample(population, 2)` stands in
+  for their `random.sample`."""
+  h, w, left, top, width, height = (int(v) for v in (h, w, left, top, width, height))
+  assert left + width <= w and top + height <= h
+  l, r = sorted(sample(range(left, left + width + 1), 2))
+  t, b = sorted(sample(range(top, top + height + 1), 2))
+  grid = np.zeros((h, w))
+  grid[t:b + 1, l:r + 1] = 1
+  vec = np.zeros(4 + h * w)
+  vec[4:] = grid.reshape(-1)
+  vec[part] = 1
+  vec[0] = 1 if cls_label else 0
+  return np.outer(vec, vec)
+
+
+def official_attn_mask(n, h, w, sample):
+  """NumPy transcription of the authors' `attn_mask_generate(N, H, W)` (bool [N, N])."""
+  ones = np.ones((n, 1))
+  ones[1:4, 0] = 0
+  mask = (ones @ ones.T).astype(bool)
+  mask |= official_2d_mask(h, w, 0, 0, w, h / 2, 1, False, sample).astype(bool)
+  mask |= official_2d_mask(h, w, 0, h / 4, w, h / 2, 2, False, sample).astype(bool)
+  mask |= official_2d_mask(h, w, 0, h / 2, w, h / 2, 3, False, sample).astype(bool)
+  mask[1:4, 0] = True
+  mask[0, 1:4] = True
+  return mask
+
+
+def full_band(population, k):
+  """`random.sample` forced to the whole band: its first and last bound."""
+  return [population[0], population[-1]]
+
+
+@pytest.mark.parametrize("h,w", [(16, 8), (8, 4), (18, 9), (19, 10), (7, 3)])
+def test_evaluation_mask_is_the_authors_mask_with_full_bands(h, w):
+  want = official_attn_mask(4 + h * w, h, w, full_band)
+  got = np.asarray(pat_model.part_mask(jnp.asarray(pat_model.bands(h, w)), h, w))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_random_regions_give_the_authors_mask_for_the_same_draws():
+  h, w = 16, 8
+  for seed in range(10):
+    rects = np.asarray(pat_model.random_rectangles(jax.random.key(seed), h, w))
+    draws = iter([v for t, b, l, r in rects for v in ((l, r), (t, b))])  # columns, then rows
+
+    def sample(population, k):
+      pick = list(next(draws))
+      assert k == 2 and pick[0] != pick[1] and all(v in population for v in pick)
+      return pick
+
+    want = official_attn_mask(4 + h * w, h, w, sample)
+    np.testing.assert_array_equal(np.asarray(pat_model.part_mask(jnp.asarray(rects), h, w)),
+                                  want)
+
+
+def test_eval_is_float32_and_part_tokens_leave_a_float32_norm_under_bf16():
+  from configs import pat
+  from jaxreid.models import init_variables
+
+  def build(bf16):
+    c = pat.get_config()
+    c.model.update(vit_dim=16, vit_depth=2, vit_heads=2, num_classes=5)
+    c.train.bf16 = bf16
+    return pat_model.build(c)
+
+  x = np.random.default_rng(0).integers(0, 256, (2, 64, 32, 3), dtype=np.uint8)
+  v = init_variables(build(False), jax.random.key(0), 64, 32)
+  f32 = build(False).apply(v, x, method="encode")
+  bf16 = build(True).apply(v, x, method="encode")
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), rtol=1e-6, atol=1e-6)
+  (cls, parts, _), _ = build(True).apply(
+      v, x, method="train_outputs", mutable=["batch_stats"],
+      rngs={"dropout": jax.random.key(1), "mask": jax.random.key(2)})
+  for out in (cls, parts):   # the final LayerNorm in float32: not all values on the bf16 grid
+    assert out.dtype == jnp.float32
+    assert np.any(np.asarray(out) != np.asarray(out.astype(jnp.bfloat16).astype(jnp.float32)))
 
 
 @pytest.mark.parametrize("h,w", [(16, 8), (8, 4)])
