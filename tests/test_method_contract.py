@@ -73,14 +73,15 @@ def test_one_training_step_per_objective(method_case):
   batch = {"image": jnp.asarray(images(8, 2)), "label": labels,
            "index": jnp.arange(8, dtype=jnp.int32)}
   for loss_name, objective in sorted(method.objectives.items()):
-    config.train.loss = loss_name
+    variant = OBJECTIVE_MODEL.get((name, loss_name))
+    cfg = config.copy_and_resolve_references() if variant else config
+    cfg.train.loss = loss_name
     for field, value in (("focal_gamma", 2.0), ("triplet_margin", 0.3)):
-      if field not in config.train:
-        config.train[field] = value
-    cfg, mdl = config, model
-    if (name, loss_name) in OBJECTIVE_MODEL:
-      cfg = config.copy_and_resolve_references()
-      cfg.model.update(OBJECTIVE_MODEL[name, loss_name])
+      if field not in cfg.train:
+        cfg.train[field] = value
+    mdl = model
+    if variant:
+      cfg.model.update(variant)
       mdl = method.build(cfg)
     tx = make_optimizer(cfg.train, steps_per_epoch=10)
     state = create_train_state(cfg, mdl, tx, objective, NUM_CLASSES, jax.random.key(0))

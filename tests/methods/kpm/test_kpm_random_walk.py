@@ -3,6 +3,7 @@ PyTorch transcription of the official computation on a tiny batch, and its optim
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +12,7 @@ from jaxreid import registry
 from jaxreid.methods.kpm import objective
 from jaxreid.methods.kpm.convert import kpm_to_torch
 from jaxreid.methods.kpm.model import KPMMatcher
-from jaxreid.models import init_variables
+from jaxreid.train import preflight
 from jaxreid.train.loop import create_train_state, make_train_step
 from jaxreid.train.optim import make_optimizer
 
@@ -151,3 +152,14 @@ def test_released_train_step_and_optimizer_groups():
   for g in range(2):
     assert 1.5e-3 < step["matcher"][f"classifier_{g}"]["kernel"] < 2.5e-3
     assert 1.5e-3 < step["matcher"][f"bn_{g}"]["scale"] < 2.5e-3
+
+
+def test_bad_random_walk_settings_are_one_sentence():
+  config = kpm.get_config("released")
+  config.train.rw_alpha = 1.0
+  with pytest.raises(ValueError, match=r"train.rw_alpha=1.0 must be a finite number in \[0, "):
+    preflight.validate(config, "pairwise")
+  config = kpm.get_config("released")
+  config.model.variant = "paper"
+  with pytest.raises(ValueError, match="set model.variant = 'released'"):
+    registry.build_model(config)
