@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.height = 64
   c.data.width = 32
-  c.data.sampler = "gs"                 # "gs" | "pk" | "random"
+  c.data.sampler = "gs"                 # "gs" | "pk" | "random" | "identity" | "multi_gallery"
   c.data.batch_size = 32
   c.data.num_instances = 4
   # Host input pipeline (grain): threads decode and resize (Pillow releases the GIL), in this

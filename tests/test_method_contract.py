@@ -20,6 +20,8 @@ from jaxreid.train.optim import make_optimizer
 from jaxreid.weights import flatten_state
 
 H, W, NUM_CLASSES = 64, 32, 4
+# Objectives that train another variant of the method than its default config builds.
+OBJECTIVE_MODEL = {("kpm", "random_walk"): dict(variant="released", scales=1, tau=1.0, groups=2)}
 
 
 def tiny_config(name: str):
@@ -71,13 +73,19 @@ def test_one_training_step_per_objective(method_case):
   batch = {"image": jnp.asarray(images(8, 2)), "label": labels,
            "index": jnp.arange(8, dtype=jnp.int32)}
   for loss_name, objective in sorted(method.objectives.items()):
-    config.train.loss = loss_name
+    variant = OBJECTIVE_MODEL.get((name, loss_name))
+    cfg = config.copy_and_resolve_references() if variant else config
+    cfg.train.loss = loss_name
     for field, value in (("focal_gamma", 2.0), ("triplet_margin", 0.3)):
-      if field not in config.train:
-        config.train[field] = value
-    tx = make_optimizer(config.train, steps_per_epoch=10)
-    state = create_train_state(config, model, tx, objective, NUM_CLASSES, jax.random.key(0))
-    new, metrics = jax.jit(make_train_step(model, tx, objective, config.train))(state, batch)
+      if field not in cfg.train:
+        cfg.train[field] = value
+    mdl = model
+    if variant:
+      cfg.model.update(variant)
+      mdl = method.build(cfg)
+    tx = make_optimizer(cfg.train, steps_per_epoch=10)
+    state = create_train_state(cfg, mdl, tx, objective, NUM_CLASSES, jax.random.key(0))
+    new, metrics = jax.jit(make_train_step(mdl, tx, objective, cfg.train))(state, batch)
     assert np.isfinite(float(metrics["loss"])) and "accuracy" in metrics, (loss_name, metrics)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params,
                                          new.params))

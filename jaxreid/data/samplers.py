@@ -275,6 +275,59 @@ class IdentitySampler:
     return np.asarray(rows, np.int64).reshape(len(rows), self.batch_size)
 
 
+class MultiGallerySampler:
+  """KPM's RandomMultipleGallerySampler (docs/methods/kpm.md): an epoch makes every image an
+  anchor once, in a random order, each followed by K − 1 images of its identity from other
+  cameras; N × K images per epoch, cut into batches (the last partial one dropped). A batch is
+  B / K such groups, the anchor first.
+
+  As the official sampler, the K − 1 partners are drawn from the anchor's identity's images in
+  other cameras, without replacement when there are at least K of them, else with; when the
+  identity has no image in another camera, from its other images (same rule); an identity of a
+  single image (where the official code fails) repeats the anchor.
+
+  Random draws, in order: default_rng([seed, epoch]): `permutation(N)`, then per anchor in that
+  order one `choice(candidates, K - 1, replace=len(candidates) < K)`.
+  """
+
+  def __init__(self, labels: np.ndarray, cams: np.ndarray, *, batch_size: int,
+               num_instances: int, seed: int):
+    index = _class_indices(labels)
+    labels, cams = np.asarray(labels), np.asarray(cams)
+    if cams.shape != labels.shape:
+      raise ValueError(f"The training split has {len(labels)} labels but {cams.size} camera ids; "
+                       "the multi-gallery sampler needs one camera id per image.")
+    self.num_images = len(labels)
+    self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
+    if num_instances < 2 or batch_size < num_instances or batch_size % num_instances:
+      raise ValueError(f"batch_size ({batch_size}) must be a multiple of num_instances "
+                       f"({num_instances}), which must be at least 2 (an anchor and a partner).")
+    if self.num_batches < 1:
+      raise ValueError(f"batch_size ({batch_size}) exceeds the {self.num_images * num_instances} "
+                       "images of a multi-gallery epoch; lower data.batch_size.")
+    self._candidates = [None] * self.num_images   # per image: the images it draws partners from
+    for idx in index:
+      for i in idx:
+        other_cams = idx[cams[idx] != cams[i]]
+        self._candidates[i] = (other_cams if other_cams.size else idx[idx != i]
+                               if idx.size > 1 else np.asarray([i]))
+
+  @property
+  def num_batches(self) -> int:
+    return self.num_images * self.num_instances // self.batch_size
+
+  def epoch_plan(self, epoch: int) -> np.ndarray:
+    """int64 [num_batches, batch_size]: anchors in a random order, each with its K − 1 partners."""
+    rng = np.random.default_rng([self.seed, epoch])
+    k = self.num_instances
+    rows = np.empty((self.num_images, k), np.int64)
+    for row, i in zip(rows, rng.permutation(self.num_images)):
+      cand = self._candidates[i]
+      row[0] = i
+      row[1:] = rng.choice(cand, k - 1, replace=len(cand) < k)
+    return rows.reshape(-1)[:self.num_batches * self.batch_size].reshape(-1, self.batch_size)
+
+
 def rerank_graph_distance(distance: np.ndarray, k1: int = 20, k2: int = 6,
                           lambda_value: float = 0.3) -> np.ndarray:
   """QAConv-GS v2.0's re-ranked graph distance (docs/methods/qaconv.md), float32 [C, C].

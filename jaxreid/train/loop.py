@@ -130,13 +130,16 @@ def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
 def make_sampler(config, train_split):
   d = config.data
   cls = {"gs": samplers.GraphSampler, "pk": samplers.PKSampler,
-         "random": samplers.RandomSampler, "identity": samplers.IdentitySampler}.get(d.sampler)
+         "random": samplers.RandomSampler, "identity": samplers.IdentitySampler,
+         "multi_gallery": samplers.MultiGallerySampler}.get(d.sampler)
   if cls is None:
-    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs', 'pk', 'random' or "
-                     "'identity'.")
+    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs', 'pk', 'random', "
+                     "'identity' or 'multi_gallery'.")
   extra = {"pre_epochs": d.get("gs_pre_epochs", 0)} if cls is samplers.GraphSampler else {}
-  return cls(train_split.labels, batch_size=d.batch_size, num_instances=d.num_instances,
-             seed=config.seed, **extra)
+  args = ((train_split.labels, train_split.cams) if cls is samplers.MultiGallerySampler
+          else (train_split.labels,))
+  return cls(*args, batch_size=d.batch_size, num_instances=d.num_instances, seed=config.seed,
+             **extra)
 
 
 def epoch_plan(config, sampler, model, state, train_split, mesh, epoch: int) -> np.ndarray:

@@ -94,6 +94,8 @@ def validate(config, kind: str) -> None:
   for name in ("weight_decay", "clip_norm", "backbone_lr_mult"):
     if name in t:
       _number(f"train.{name}", t[name], 0.0)
+  if "rw_alpha" in t:   # KPM's random walk: (I − αA) is singular at α = 1
+    _number("train.rw_alpha", t.rw_alpha, 0.0, 0.999, meaning=" (the random walk's α, below 1)")
   if "lr_step_factor" in t:
     _number("train.lr_step_factor", t.lr_step_factor, 0.0, open_low=True)
   steps = t.get("lr_step_epochs", ())

@@ -26,6 +26,12 @@ def build(config) -> models.PairwiseModel:
   if m.scales > 1 and (m.final_layer != "layer4" or m.get("last_stride", 2) != 2):
     raise ValueError("The KPM hourglass needs model.final_layer = 'layer4' and "
                      "model.last_stride = 2 (each scale twice the size of the one before).")
+  train = config.get("train") or {}
+  if train.get("loss") == "random_walk" and (
+      m.variant != "released" or train.get("pos_per_anchor") != config.data.num_instances - 1):
+    raise ValueError("train.loss = 'random_walk' trains the released variant on groups of "
+                     "data.num_instances images: set model.variant = 'released' and "
+                     "train.pos_per_anchor = data.num_instances - 1.")
   encoder = model.HourglassEncoder(**models.encoder_fields(config), normalize=False,
                                    scales=m.scales, map_dtype=np.dtype(m.map_dtype))
   matcher = model.KPMMatcher(shapes(config), variant=m.variant, tau=m.tau, tau_rsa=m.tau_rsa,
@@ -76,6 +82,6 @@ def describe(m) -> str:
 
 METHOD = Method(
     name="kpm", kind="pairwise", build=build,
-    objectives={"pairs": objective.SAMPLED_PAIRS},
+    objectives={"pairs": objective.SAMPLED_PAIRS, "random_walk": objective.RANDOM_WALK},
     convert=convert.kpm_from_torch, detect=convert.detect, export=convert.kpm_to_torch,
     correspondences=correspondences, describe=describe)

@@ -173,8 +173,9 @@ class KPMMatcher(nn.Module):
   concatenated → Linear (`classifier`) → one logit. variant "released": one scale, the channels
   cut into `groups` chunks; embed g (`bn_g`, dropout, 2-way `classifier_g`) is applied to the
   squared released difference of every chunk, and the logit is the mean over embeds and chunks
-  of (same − different) class scores. `normalize`: warp and subtract L2-normalised maps (both
-  papers' code: raw maps, normalised only inside K).
+  of (same − different) class scores; `released_scores` gives its 2-way scores for the
+  release's random-walk training (objective.py). `normalize`: warp and subtract L2-normalised
+  maps (both papers' code: raw maps, normalised only inside K).
   """
   shapes: Sequence[tuple[int, int, int]]
   variant: str = "paper"
@@ -228,16 +229,30 @@ class KPMMatcher(nn.Module):
       deltas = self.differences(probe, gallery, train, paired)
       feats = jnp.concatenate([bn(d * d, train) for d, bn in zip(deltas, self.bn)], -1)
       return self.classifier(feats)[..., 0]
+    logits = []
+    for p2g, _ in self.released_scores(probe, gallery, train, paired, gallery_pairs=False):
+      logits.append(p2g[..., 1] - p2g[..., 0])
+    return jnp.mean(jnp.stack(logits), 0)
+
+  def _embed(self, j: int, difference, train: bool):
+    """Embed j of the released variant: 2-way classifier(dropout(BN(δ²)))."""
+    d = self.bn[j](difference * difference, train)
+    return self.classifier[j](self.drop(d, deterministic=not train or not self.dropout))
+
+  def released_scores(self, probe, gallery, train: bool = False, paired: bool = False,
+                      gallery_pairs: bool = True):
+    """The released variant's 2-way scores (`RandomWalkKpmNet`, docs/methods/kpm.md): for each
+    embed j (outer) and channel chunk i (inner), (probe × gallery [P, G, 2] (paired: [P, 2]) of
+    the KPM differences of chunk i, gallery × gallery [G, G, 2] of the differences of the
+    average-pooled chunks, or None without `gallery_pairs`), both through embed j."""
     (x,), (y,) = self._split(probe), self._split(gallery)
     c = x.shape[-1] // self.groups
-    diffs = [released_difference(x[..., j * c:(j + 1) * c], y[..., j * c:(j + 1) * c],
-                                 1.0 / self.tau, paired) for j in range(self.groups)]
-    logits = []
-    for bn, classifier in zip(self.bn, self.classifier):
-      for d in diffs:
-        out = classifier(self.drop(bn(d * d, train), deterministic=not train or not self.dropout))
-        logits.append(out[..., 1] - out[..., 0])
-    return jnp.mean(jnp.stack(logits), 0)
+    chunks = [(x[..., i * c:(i + 1) * c], y[..., i * c:(i + 1) * c]) for i in range(self.groups)]
+    p2g = [released_difference(xi, yi, 1.0 / self.tau, paired) for xi, yi in chunks]
+    g2g = [yi.mean(1)[None] - yi.mean(1)[:, None] for _, yi in chunks]
+    return [(self._embed(j, p2g[i], train),
+             self._embed(j, g2g[i], train) if gallery_pairs else None)
+            for j in range(self.groups) for i in range(self.groups)]
 
   def global_features(self, features):
     """The final map average-pooled ([N, C_1]): the first stage of a top-k re-scoring (the

@@ -1,6 +1,13 @@
-"""KPM's training objective (paper Sec. 4.2): binary cross-entropy on image pairs sampled from a
-PK batch at positives : negatives = 1 : `train.neg_ratio` (3 on Market-1501, 4 on CUHK03 and
-DukeMTMC), each pair scored by the matcher alone (never the whole B×B matrix)."""
+"""KPM's training objectives (docs/methods/kpm.md).
+
+"pairs" (paper Sec. 4.2): binary cross-entropy on image pairs sampled from the batch at
+positives : negatives = 1 : `train.neg_ratio` (3 on Market-1501, 4 on CUHK03 and DukeMTMC), each
+pair scored by the matcher alone (never the whole B×B matrix).
+
+"random_walk" (the authors' release, `RandomWalkGrpShufTrainer`): the batch is groups of K (an
+anchor, then K − 1 images of its id); the anchors are the probes, the rest the gallery. The
+released variant's 2-way probe × gallery and gallery × gallery scores of every (embed, chunk)
+are refined by a random walk over the gallery and trained with 2-class cross-entropy."""
 import jax
 import jax.numpy as jnp
 import optax
@@ -48,3 +55,46 @@ def _pair_loss(model, variables, state, batch, train_cfg):
 
 
 SAMPLED_PAIRS = Objective(_pair_loss)
+
+
+def random_walk(p2g, g2g, alpha: float):
+  """The release's training random walk: W = (1 − α)(I − αA)⁻¹, A the row softmax of the
+  gallery × gallery "same" scores (diagonal excluded; no gradient through A); both score
+  arrays are mixed over their gallery axis: s'[…, g, :] = Σ_k W[g, k] s[…, k, :].
+  p2g [P, G, 2], g2g [G, G, 2] → the same shapes."""
+  g = g2g.shape[0]
+  same = jnp.where(jnp.eye(g, dtype=bool), -jnp.inf, jax.lax.stop_gradient(g2g[..., 1]))
+  w = (1 - alpha) * jnp.linalg.inv(jnp.eye(g) - alpha * jax.nn.softmax(same, axis=1))
+  return jnp.einsum("pkc,gk->pgc", p2g, w), jnp.einsum("akc,gk->agc", g2g, w)
+
+
+def random_walk_loss(scores, labels, alpha: float):
+  """(mean 2-class cross-entropy, accuracy) over every (embed, chunk) of `scores` (a list of
+  (p2g [P, G, 2], g2g [G, G, 2])) after `random_walk`; labels [P, K] (probe first). Class 1 is
+  "same id": targets [P + G, G] are probe × gallery, then gallery × gallery."""
+  probe, gallery = labels[:, 0], labels[:, 1:].reshape(-1)
+  targets = (jnp.concatenate([probe, gallery])[:, None] == gallery[None]).astype(jnp.int32)
+  logits = jnp.concatenate([jnp.concatenate(random_walk(p, g, alpha)) for p, g in scores])
+  targets = jnp.tile(targets, (len(scores), 1))
+  value = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  return value, jnp.mean(jnp.argmax(logits, -1) == targets)
+
+
+def _random_walk_objective(model, variables, state, batch, train_cfg):
+  maps, variables = encode_for_training(model, variables, batch["image"])
+  k = int(train_cfg.pos_per_anchor) + 1
+  if maps.shape[0] % k:
+    raise ValueError(f"The random-walk loss needs batches of whole groups of K = {k} images; "
+                     "data.batch_size must be a multiple of data.num_instances.")
+  groups = maps.reshape(-1, k, *maps.shape[1:])
+  probe, gallery = groups[:, 0], groups[:, 1:].reshape(-1, *maps.shape[1:])
+  rng = jax.random.fold_in(state.rng, state.step)
+  scores, upd = model.apply(
+      variables, probe, gallery, train=True,
+      method=lambda m, x, y, train: m.matcher.released_scores(x, y, train),
+      mutable=["batch_stats"], rngs={"dropout": rng})
+  value, accuracy = random_walk_loss(scores, batch["label"].reshape(-1, k), train_cfg.rw_alpha)
+  return value, (upd["batch_stats"], None, {"accuracy": accuracy})
+
+
+RANDOM_WALK = Objective(_random_walk_objective)
