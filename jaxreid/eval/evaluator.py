@@ -188,7 +188,8 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
   The query features are extracted once; the gallery is encoded and scored eval.gallery_chunk
   images at a time (docs/evaluation.md), so no gallery-sized feature array exists unless
   re-ranking needs one. With `refine` or eval.rescore_top_k, or eval.stream = False, the
-  gallery features are extracted whole first (the in-memory path).
+  gallery features are extracted whole first and scored by `pair_scorer` (the in-memory path,
+  which --mode=rank shares through `ranking_scores`).
 
   `refine(q, g) → (q', g')`, if given, transforms the extracted query and gallery features of a
   test set before scoring (NFormer's set refinement).
@@ -224,8 +225,7 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
       g = extract(model, variables, gallery, config, mesh, desc=f"{title}: gallery")
       if refine is not None:
         q, g = refine(q, g)
-      if config.eval.get("rescore_top_k", 0):   # only each query's top-k of a first stage
-        score = functools.partial(rescored, model, variables, config.eval)
+      score = pair_scorer(model, variables, config, mesh)
       scores = score(q, g)
       self_distances = lambda: (to_dist(score(q, q)), to_dist(score(g, g)))
     rows, notes = {}, []
@@ -288,14 +288,67 @@ def gallery_distances(model, variables, g, config, mesh):
   return columns
 
 
+def pair_scorer(model, variables, config, mesh=None):
+  """The method's scores of extracted features, `score(p, g)` → [P, G] (float32, host, higher =
+  better): the matcher on every pair, or with eval.rescore_top_k each probe's top k of a first
+  stage re-scored (`rescored`). The in-memory path of `evaluate_matcher`; `ranking_scores`
+  (--mode=rank) ranks with it too."""
+  if config.eval.get("rescore_top_k", 0):   # only each query's top-k of a first stage
+    return functools.partial(rescored, model, variables, config.eval)
+  if config.eval.get("random_walk_alpha", 0.0):
+    raise ValueError("eval.random_walk_alpha > 0 walks over each query's top-k gallery entries; "
+                     "set eval.rescore_top_k (the authors' 75), or set the alpha to 0.")
+  return functools.partial(score_matrix, match_fn(model), variables, tile_p=config.eval.tile_p,
+                           tile_g=config.eval.tile_g, mesh=mesh, progress=True)
+
+
+def ranking_scores(config, model, variables, q, g, *, mesh=None, refine=None,
+                   rerank: bool = False) -> np.ndarray:
+  """What evaluation ranks the extracted gallery features `g` by for each query of `q`:
+  `refine` (NFormer), `pair_scorer` (top-k re-scoring, KPM's random walk), then with `rerank`
+  the "+RR" row's k-reciprocal re-ranking (−distance). [P, G], higher = better."""
+  if refine is not None:
+    q, g = refine(q, g)
+  score = pair_scorer(model, variables, config, mesh)
+  scores = score(q, g)
+  if not rerank:
+    return scores
+  to_dist = functools.partial(score_distance, kind=config.eval.get("distance", "sigmoid"))
+  return reranked(config.eval, scores, to_dist(score(q, q)), to_dist(score(g, g)))
+
+
+def reranked(eval_config, scores, qq, gg, block_dir=None) -> np.ndarray:
+  """−(k-reciprocal re-ranked distance) [P, G] of the scores, from the QQ and GG distances (GG
+  may be a function of column blocks, see `rerank`)."""
+  return -rerank(score_distance(scores, eval_config.get("distance", "sigmoid")), qq, gg,
+                 k1=eval_config.get("rerank_k1", 20), k2=eval_config.get("rerank_k2", 6),
+                 lambda_value=eval_config.get("rerank_lambda", 0.3), block_dir=block_dir,
+                 block_columns=getattr(gg, "block_columns", None))
+
+
 def rescored(model, variables, eval_config, probe, gallery) -> np.ndarray:
   """`scoring.rescore_top_k` with eval.rescore_top_k entries per query re-scored by the matcher,
-  after a first stage of −‖p − g‖² on `scoring.global_features`."""
+  after a first stage of −‖p − g‖² on `scoring.global_features`; with eval.random_walk_alpha
+  > 0, by the matcher's `walked` scores of each query's whole top k (KPM's released evaluation,
+  docs/methods/kpm.md: the walked logit, whose distance P(different) is sigmoid(−logit))."""
   first = first_stage_scores(global_features(model, variables, probe),
                              global_features(model, variables, gallery))
+  alpha = float(eval_config.get("random_walk_alpha", 0.0))
   return rescore_top_k(match_fn(model), variables, probe, gallery, first,
                        eval_config.rescore_top_k, tile_p=eval_config.tile_p,
-                       tile_g=eval_config.tile_g, progress=True)
+                       tile_g=eval_config.tile_g, progress=True,
+                       top_k_fn=walk_fn(model, alpha) if alpha else None)
+
+
+@functools.lru_cache(maxsize=None)
+def walk_fn(model, alpha: float):
+  """(variables, probe […], gallery [k, …]) → [k]: the matcher's random-walked scores of one
+  probe's top k (a stable function per model and α, for the jit cache)."""
+  if not hasattr(getattr(model, "matcher", None), "walked"):
+    raise ValueError("eval.random_walk_alpha > 0 needs a matcher with a random walk (KPM's "
+                     "released variant); set it to 0.")
+  return lambda variables, p, g: model.apply(variables, p, g,
+                                             method=lambda m, p, g: m.matcher.walked(p, g, alpha))
 
 
 def post_processed(eval_config, scores, self_distances, query, gallery, title, notes,
@@ -323,13 +376,11 @@ def post_processed(eval_config, scores, self_distances, query, gallery, title, n
     yield "+TLift", lift(expit(scores / 10))
   if eval_config.rerank:
     qq, gg = self_distances()
-    dist = rerank(score_distance(scores, eval_config.distance), qq, gg, k1=eval_config.rerank_k1,
-                  k2=eval_config.rerank_k2, lambda_value=eval_config.rerank_lambda,
-                  block_dir=block_dir, block_columns=getattr(gg, "block_columns", None))
+    similarity = reranked(eval_config, scores, qq, gg, block_dir=block_dir)
     del qq, gg
-    yield "+RR", -dist
+    yield "+RR", similarity
     if use_tlift:
-      yield "+RR+TLift", lift(1 - dist)
+      yield "+RR+TLift", lift(1 + similarity)
 
 
 def score_distance(scores, kind="sigmoid"):

@@ -121,7 +121,8 @@ def first_stage_scores(probe_vectors, gallery_vectors) -> np.ndarray:
 
 
 def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: int, *,
-                  tile_p: int = 64, tile_g: int = 256, progress: bool = False) -> np.ndarray:
+                  tile_p: int = 64, tile_g: int = 256, progress: bool = False,
+                  top_k_fn=None) -> np.ndarray:
   """Scores [P, G]: each probe's `k` best gallery entries under `first_stage` [P, G] (higher =
   better) scored by `match_fn`, the other entries ranked after all of them in their
   first-stage order (first-stage score shifted below the row's lowest re-scored value). With
@@ -129,7 +130,10 @@ def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: 
 
   Work is done in fixed-shape tiles of min(tile_p, P) probes × min(k, tile_g) of each probe's
   own gallery entries (gathered on host, padded by repetition), one jitted, vmapped call per
-  tile on the default device; `match_fn` as for `score_matrix`.
+  tile on the default device; `match_fn` as for `score_matrix`. `top_k_fn(variables, probe
+  […], gallery [k, …]) → [k]`, if given, scores a probe's whole top k at once instead (KPM's
+  random walk, whose scores depend on the k gallery entries together): tiles of all k columns.
+  It must be a stable function object (part of the jit cache key).
   """
   probe, gallery = _host(probe, "probe"), _host(gallery, "gallery")
   first = np.asarray(first_stage, np.float32)
@@ -142,7 +146,7 @@ def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: 
   if num_p == 0 or num_g == 0:
     return first.copy()
   order = np.argsort(-first, axis=1, kind="stable")[:, :k]                      # [P, k]
-  tp, tk = min(tile_p, num_p), min(k, tile_g)
+  tp, tk = min(tile_p, num_p), (k if top_k_fn is not None else min(k, tile_g))
   rescored = np.empty((num_p, k), np.float32)
   with tqdm(total=num_p * k, unit="pair", unit_scale=True, desc="re-scoring top-k",
             disable=not progress) as bar:
@@ -150,7 +154,10 @@ def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: 
       rows = _tile(np.arange(num_p), p0, tp)
       for k0 in range(0, k, tk):
         cols = _tile(order[rows, k0:k0 + tk].T, 0, tk).T                         # [tp, tk]
-        tile = np.asarray(_rescore_tile(match_fn, variables, probe[rows], gallery[cols]))
+        if top_k_fn is None:
+          tile = np.asarray(_rescore_tile(match_fn, variables, probe[rows], gallery[cols]))
+        else:
+          tile = np.asarray(_joint_tile(top_k_fn, variables, probe[rows], gallery[cols]))
         n_p, n_k = min(tp, num_p - p0), min(tk, k - k0)
         rescored[p0:p0 + n_p, k0:k0 + n_k] = tile[:n_p, :n_k]
         bar.update(n_p * n_k)
@@ -169,6 +176,12 @@ def _rescore_tile(match_fn, variables, probe, gallery):
   """probe [tp, …], gallery [tp, tk, …] → [tp, tk]: each probe against its own gallery rows."""
   one = lambda p, g: match_fn(variables, p[None], g)[0].astype(jnp.float32)
   return jax.vmap(one)(probe, gallery)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _joint_tile(top_k_fn, variables, probe, gallery):
+  """probe [tp, …], gallery [tp, k, …] → [tp, k]: each probe's whole top k at once."""
+  return jax.vmap(lambda p, g: top_k_fn(variables, p, g).astype(jnp.float32))(probe, gallery)
 
 
 # ------------------------------------------------------------------------------------------------

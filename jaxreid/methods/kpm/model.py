@@ -1,7 +1,7 @@
 """KPM: Kronecker-product matching with soft warping, self-residual attention and the hourglass
 (Shen et al., "End-to-End Deep Kronecker-Product Matching for Person Re-identification", CVPR
 2018; docs/methods/kpm.md), and the authors' released single-scale variant (`RandomWalkEmbed`
-of YantaoShen/kpm_rw_person_reid, without its random walk).
+of YantaoShen/kpm_rw_person_reid; its evaluation-time random walk: `KPMMatcher.walked`).
 
 Notation of the paper (Sec. 3.1): probe map X = {x_i}, gallery map Y = {y_j}, M positions each.
   K_ij = x̄_iᵀ ȳ_j (x̄, ȳ: L2-normalised per position, for matching only),
@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxreid.methods.kpm.random_walk import walked_mean
 from jaxreid.models import FeatureMapEncoder
 from jaxreid.nn.norms import FeatureBatchNorm, l2_normalize
 
@@ -232,12 +233,34 @@ class KPMMatcher(nn.Module):
     c = x.shape[-1] // self.groups
     diffs = [released_difference(x[..., j * c:(j + 1) * c], y[..., j * c:(j + 1) * c],
                                  1.0 / self.tau, paired) for j in range(self.groups)]
-    logits = []
-    for bn, classifier in zip(self.bn, self.classifier):
-      for d in diffs:
-        out = classifier(self.drop(bn(d * d, train), deterministic=not train or not self.dropout))
-        logits.append(out[..., 1] - out[..., 0])
-    return jnp.mean(jnp.stack(logits), 0)
+    out = self._embed_outputs(diffs, train)
+    return jnp.mean(out[..., 1] - out[..., 0], 0)
+
+  def _embed_outputs(self, diffs, train: bool = False):
+    """Released variant: the 2-way class scores [E·E, …, 2] of every embed h (outer) applied to
+    the squared difference of every channel group j (inner), the authors' (h, j) order."""
+    return jnp.stack([
+        classifier(self.drop(bn(d * d, train), deterministic=not train or not self.dropout))
+        for bn, classifier in zip(self.bn, self.classifier) for d in diffs])
+
+  def walked(self, probe, gallery, alpha: float):
+    """Released variant, the authors' evaluation (docs/methods/kpm.md): probe [M…] against its k
+    gallery maps [k, M…] → the (same − different) logits [k] after the group-shuffling random
+    walk (`random_walk.walked_mean`) over the gallery–gallery scores, which compare the
+    average-pooled maps of each channel group (no warping) with the same embeds. α = 0 gives
+    `__call__(probe[None], gallery)[0]`."""
+    if self.variant != "released":
+      raise ValueError("eval.random_walk_alpha > 0 needs the released KPM variant "
+                       "(model.variant = 'released'); set it to 0.")
+    (x,), (y,) = self._split(probe[None]), self._split(gallery)
+    c = x.shape[-1] // self.groups
+    chunks = lambda a, j: a[..., j * c:(j + 1) * c]
+    pg = self._embed_outputs([released_difference(chunks(x, j), chunks(y, j), 1.0 / self.tau)[0]
+                              for j in range(self.groups)])                     # [E², k, 2]
+    pooled = y.mean(1)                                                           # [k, C]
+    gg = self._embed_outputs([chunks(pooled, j)[None] - chunks(pooled, j)[:, None]
+                              for j in range(self.groups)])                     # [E², k, k, 2]
+    return walked_mean(pg[..., 1] - pg[..., 0], gg[..., 1], alpha)
 
   def global_features(self, features):
     """The final map average-pooled ([N, C_1]): the first stage of a top-k re-scoring (the
