@@ -320,10 +320,12 @@ def rank(config, checkpoint: str, query: str | None, gallery: str | None, out_di
   _writable(out_dir)
   model = jaxreid.load(config, checkpoint)
   method = registry.method_of(config)
-  refine = method.refiner(config, checkpoint) if method.refiner is not None else None
-  scores = ranking_scores(model.config, model.module, model.variables,
-                          encode_files(model, q_paths), encode_files(model, g_paths),
-                          refine=refine, rerank=rerank)
+  q, g = encode_files(model, q_paths), encode_files(model, g_paths)
+  if method.refiner is None:
+    scores = model.ranking_scores(q, g, rerank=rerank)
+  else:
+    scores = ranking_scores(model.config, model.module, model.variables, q, g, rerank=rerank,
+                            refine=method.refiner(config, checkpoint))
   indices, values = best(scores, top_k)
   resize = model.config.data.get("resize", "bicubic")
   picture = lambda path: _upscaled(load_images([path], model.input_size, resize)[0], min_height)

@@ -21,7 +21,8 @@ from jaxreid.data import datasets, pipeline
 from jaxreid.eval.metrics import evaluate_ranking, top_k
 from jaxreid.eval.rerank import rerank
 from jaxreid.eval.scoring import (ChunkScorer, first_stage_scores, global_features, match_fn,
-                                   rescore_top_k, score_matrix)
+                                   matched_pairs, merge_top_k, rescore_top_k, score_matrix,
+                                   score_pairs, top_k_order)
 from jaxreid.eval.tlift import tlift
 
 RANKS = (1, 5, 10, 20)
@@ -174,6 +175,66 @@ def streamed_scores(model, variables, probe, split, config, mesh, *, keep_galler
   return scores, (np.concatenate(kept) if keep_gallery else None)
 
 
+def streamed_rescored(model, variables, probe, split, config, mesh, *, desc="gallery"):
+  """`rescored` with `split` streamed (docs/evaluation.md): the gallery is encoded chunk by chunk
+  into the first stage's pooled vectors, then again, each chunk scoring only the pairs of the
+  probes' top eval.rescore_top_k that fall in it; with eval.random_walk_alpha the walk then runs
+  per probe on its top k's pair scores and pooled vectors. Peak memory: the probes, one chunk,
+  the [G, C] vectors and [P, k] pair scores besides the [P, G] result."""
+  ev = config.eval
+  chunk = gallery_chunk(config, len(split))
+  chunks = lambda what: encode_chunks(model, variables, split, config, mesh, chunk,
+                                      desc=f"{desc}: {what}")
+  pooled = np.concatenate([global_features(model, variables,
+                                           parallel.replicated_to_host(maps)[:valid])
+                           for _, maps, valid in chunks("first stage")])
+  first = first_stage_scores(global_features(model, variables, probe), pooled)
+  order = top_k_order(first, ev.rescore_top_k)
+  num_p, k = order.shape
+  alpha = float(ev.get("random_walk_alpha", 0.0))
+  pair_fn = group_logits_fn(model) if alpha else matched_pairs(match_fn(model))
+  tile = max(1, min(ev.tile_p * ev.tile_g, num_p * k))
+  pairs = None
+  for start, maps, valid in chunks(f"top-{k} pairs"):
+    rows, cols = np.nonzero((order >= start) & (order < start + valid))
+    if not len(rows):
+      continue
+    out = score_pairs(pair_fn, variables, probe, parallel.replicated_to_host(maps)[:valid], rows,
+                      order[rows, cols] - start, tile)
+    if pairs is None:
+      pairs = np.empty((num_p, k, out.shape[1]), np.float32)
+    pairs[rows, cols] = out
+  if not alpha:
+    return merge_top_k(first, order, pairs[..., 0])
+  walk = _jitted_walk(model, alpha)
+  tp = min(ev.tile_p, num_p)
+  walked = np.empty((num_p, k), np.float32)
+  for p0 in range(0, num_p, tp):
+    rows = np.minimum(np.arange(p0, p0 + tp), num_p - 1)     # the last tile padded by repetition
+    walked[p0:p0 + tp] = np.asarray(walk(variables, pairs[rows], pooled[order[rows]]))[
+        :num_p - p0]
+  return merge_top_k(first, order, walked)
+
+
+@functools.lru_cache(maxsize=None)
+def group_logits_fn(model):
+  """(variables, probe [T, …], gallery [T, …]) → [T, E·E]: the matcher's per-(embed, group)
+  logits of aligned pairs (KPM's released variant), for `streamed_rescored`'s walk."""
+  if not hasattr(getattr(model, "matcher", None), "group_logits"):
+    raise ValueError("eval.random_walk_alpha > 0 needs a matcher with a random walk (KPM's "
+                     "released variant); set it to 0.")
+  return lambda variables, p, g: model.apply(variables, p, g,
+                                             method=lambda m, p, g: m.matcher.group_logits(p, g))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_walk(model, alpha: float):
+  """(variables, group logits [T, k, E·E], pooled [T, k, C]) → walked logits [T, k]."""
+  one = lambda variables, a, b: model.apply(variables, a, b,
+                                            method=lambda m, a, b: m.matcher.walk(a, b, alpha))
+  return jax.jit(lambda variables, a, b: jax.vmap(one, (None, 0, 0))(variables, a, b))
+
+
 def _fits_device(features, config) -> bool:
   return features.nbytes <= config.eval.get("probes_on_device_mb", PROBES_ON_DEVICE_MB) * 2**20
 
@@ -187,9 +248,10 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
 
   The query features are extracted once; the gallery is encoded and scored eval.gallery_chunk
   images at a time (docs/evaluation.md), so no gallery-sized feature array exists unless
-  re-ranking needs one. With `refine` or eval.rescore_top_k, or eval.stream = False, the
-  gallery features are extracted whole first and scored by `pair_scorer` (the in-memory path,
-  which --mode=rank shares through `ranking_scores`).
+  re-ranking needs one; with eval.rescore_top_k it is encoded twice (`streamed_rescored`).
+  With `refine`, eval.rescore_top_k and re-ranking, or eval.stream = False, the gallery
+  features are extracted whole first and scored by `pair_scorer` (the in-memory path, which
+  --mode=rank shares through `ranking_scores`; both give the same scores).
 
   `refine(q, g) → (q', g')`, if given, transforms the extracted query and gallery features of a
   test set before scoring (NFormer's set refinement).
@@ -205,8 +267,9 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
   results = {"test": {}, "paper": config.eval.paper.to_dict(),
              "eval_settings": eval_settings(config)}
   retrieval = {}
-  stream = (refine is None and not config.eval.get("rescore_top_k", 0)
-            and config.eval.get("stream", True))
+  rescore = config.eval.get("rescore_top_k", 0)
+  stream = (refine is None and config.eval.get("stream", True)
+            and not (rescore and config.eval.rerank))
   for name, test_config in datasets.parse_specs(config.dataset.test):
     t0 = time.time()
     query = datasets.load_split(name, "query", data_dir=data_dir, config=test_config)
@@ -216,7 +279,10 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
     score = functools.partial(score_matrix, match_fn(model), variables, tile_p=config.eval.tile_p,
                               tile_g=config.eval.tile_g, mesh=mesh, progress=True)
     to_dist = functools.partial(score_distance, kind=config.eval.distance)
-    if stream:
+    if stream and rescore:
+      scores, g = streamed_rescored(model, variables, q, gallery, config, mesh, desc=title), None
+      self_distances = None       # re-ranking takes the in-memory path
+    elif stream:
       scores, g = streamed_scores(model, variables, q, gallery, config, mesh,
                                   keep_gallery=config.eval.rerank, desc=title)
       self_distances = lambda: (to_dist(score(q, q)),

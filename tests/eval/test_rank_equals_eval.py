@@ -95,12 +95,14 @@ def drawn_run(config, directory):
   save_run(directory, config, random_variables(shapes))
 
 
-@pytest.mark.parametrize("rerank", [False, True])
+@pytest.mark.parametrize("rerank,rescore", [(False, 0), (True, 0), (False, 5)])
 def test_plain_pairwise_matcher(synthetic_data_dir, small_test_set, tmp_path, monkeypatch,
-                                rerank):
+                                rerank, rescore):
+  """QAConv-GS; with top-5 re-scoring, --mode=eval streams the gallery in chunks of 4."""
   from configs import qaconv_gs
   from training import tiny
   config = tiny(qaconv_gs.get_config(), synthetic_data_dir)
+  config.eval.update(rescore_top_k=rescore, batch_size=4, gallery_chunk=4)
   drawn_run(config, tmp_path / "run")
   evaluated, ranked = eval_and_rank(config, str(tmp_path / "run"), small_test_set, tmp_path,
                                     monkeypatch, rerank)
@@ -108,13 +110,14 @@ def test_plain_pairwise_matcher(synthetic_data_dir, small_test_set, tmp_path, mo
 
 
 def test_kpm_released_rescoring_and_walk(small_test_set, tmp_path, monkeypatch):
-  """configs/kpm.py:released (α = 0.95) on an authors'-layout file, top 5 of 9 re-scored."""
+  """configs/kpm.py:released (α = 0.95) on an authors'-layout file, top 5 of 9 re-scored;
+  --mode=eval streams the gallery in chunks of 4, --mode=rank scores it in memory."""
   from test_kpm_convert import authors_model
   net, _ = authors_model(2, seed=2)
   state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
   torch.save({"state_dict": state}, tmp_path / "model_best.pth.tar")
   config = resolve_config("configs/kpm.py:released")
-  config.eval.update(rescore_top_k=5, batch_size=8)
+  config.eval.update(rescore_top_k=5, batch_size=4, gallery_chunk=4)
   assert config.eval.random_walk_alpha == 0.95
   evaluated, ranked = eval_and_rank(config, str(tmp_path / "model_best.pth.tar"),
                                     small_test_set, tmp_path, monkeypatch)

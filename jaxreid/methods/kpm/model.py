@@ -246,21 +246,36 @@ class KPMMatcher(nn.Module):
   def walked(self, probe, gallery, alpha: float):
     """Released variant, the authors' evaluation (docs/methods/kpm.md): probe [M…] against its k
     gallery maps [k, M…] → the (same − different) logits [k] after the group-shuffling random
-    walk (`random_walk.walked_mean`) over the gallery–gallery scores, which compare the
-    average-pooled maps of each channel group (no warping) with the same embeds. α = 0 gives
-    `__call__(probe[None], gallery)[0]`."""
+    walk. α = 0 gives `__call__(probe[None], gallery)[0]`."""
+    probes = jnp.broadcast_to(probe[None], (gallery.shape[0], *probe.shape))
+    return self.walk(self.group_logits(probes, gallery), self.global_features(gallery), alpha)
+
+  def group_logits(self, x, y):
+    """Released variant: the (same − different) logits [N, E·E] of aligned pairs x [N, M…],
+    y [N, M…], one per (embed h, channel group j), before their mean (`pairs`)."""
+    self._check_released()
+    (x,), (y,) = self._split(x), self._split(y)
+    c = x.shape[-1] // self.groups
+    out = self._embed_outputs([released_difference(x[..., j * c:(j + 1) * c],
+                                                   y[..., j * c:(j + 1) * c], 1.0 / self.tau,
+                                                   paired=True) for j in range(self.groups)])
+    return (out[..., 1] - out[..., 0]).T
+
+  def walk(self, group_logits, pooled, alpha: float):
+    """One probe's walked logits [k] from its `group_logits` [k, E·E] against k gallery images
+    and their pooled maps [k, C] (`global_features`): per (h, j), the gallery–gallery "same"
+    logits of embed h on group j of the pooled maps (the authors' g2g branch: no warping) drive
+    `random_walk.walked_mean`."""
+    self._check_released()
+    c = pooled.shape[-1] // self.groups
+    chunks = [pooled[:, j * c:(j + 1) * c] for j in range(self.groups)]
+    gg = self._embed_outputs([g[None] - g[:, None] for g in chunks])              # [E², k, k, 2]
+    return walked_mean(group_logits.T, gg[..., 1], alpha)
+
+  def _check_released(self):
     if self.variant != "released":
       raise ValueError("eval.random_walk_alpha > 0 needs the released KPM variant "
                        "(model.variant = 'released'); set it to 0.")
-    (x,), (y,) = self._split(probe[None]), self._split(gallery)
-    c = x.shape[-1] // self.groups
-    chunks = lambda a, j: a[..., j * c:(j + 1) * c]
-    pg = self._embed_outputs([released_difference(chunks(x, j), chunks(y, j), 1.0 / self.tau)[0]
-                              for j in range(self.groups)])                     # [E², k, 2]
-    pooled = y.mean(1)                                                           # [k, C]
-    gg = self._embed_outputs([chunks(pooled, j)[None] - chunks(pooled, j)[:, None]
-                              for j in range(self.groups)])                     # [E², k, k, 2]
-    return walked_mean(pg[..., 1] - pg[..., 0], gg[..., 1], alpha)
 
   def global_features(self, features):
     """The final map average-pooled ([N, C_1]): the first stage of a top-k re-scoring (the

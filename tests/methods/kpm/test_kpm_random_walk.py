@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import jaxreid
-from jaxreid.eval.evaluator import ranking_scores
 from jaxreid.methods.kpm.random_walk import random_walk
 from test_kpm_convert import MEAN, STD, authors_model
 
@@ -113,23 +112,22 @@ def test_random_walk_matches_the_authors_step():
 
 
 def test_rescored_walk_ranks_as_the_authors_evaluator(released):
-  """The evaluator's scorer (what --mode=eval ranks by) on the converted model: the walked
-  logits are the authors' distances through sigmoid(−logit) and rank every query alike."""
+  """The evaluator's scorer (what --mode=eval ranks by; `ReidModel.ranking_scores`) on the
+  converted model: the walked logits are the authors' distances through sigmoid(−logit) and
+  rank every query alike."""
   net, resnet, root, query, gallery = released
   model = jaxreid.load("configs/kpm.py:released", root / "model_best.pth.tar")
   with model.config.unlocked():
     model.config.eval.rescore_top_k = TOP
   want = authors_distances(net, resnet, query, gallery, TOP, ALPHA)
-  scores = ranking_scores(model.config, model.module, model.variables, model.encode(query),
-                          model.encode(gallery))
+  scores = model.ranking_scores(model.encode(query), model.encode(gallery))
   assert_same_order(want, np.argsort(-scores, axis=1, kind="stable"))
   top = np.argsort(want, axis=1)[:, :TOP]
   np.testing.assert_allclose(1 / (1 + np.exp(np.take_along_axis(scores, top, 1))),
                              np.take_along_axis(want, top, 1), atol=1e-4)
   with model.config.unlocked():      # α = 0: the plain re-scored logits
     model.config.eval.random_walk_alpha = 0.0
-  plain = ranking_scores(model.config, model.module, model.variables, model.encode(query),
-                         model.encode(gallery))
+  plain = model.ranking_scores(model.encode(query), model.encode(gallery))
   np.testing.assert_allclose(np.take_along_axis(plain, top, 1), np.take_along_axis(
       model.score(query, gallery), top, 1), rtol=1e-5, atol=1e-5)
   assert not np.allclose(np.take_along_axis(plain, top, 1), np.take_along_axis(scores, top, 1))
