@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Pairwise matchers: > 0 re-scores only each query's top-k gallery entries of a first stage
   # (−‖p − g‖² of pooled features) and ranks the rest after them (eval.scoring.rescore_top_k).
   c.eval.rescore_top_k = 0
+  # KPM's released variant: > 0 applies the authors' group-shuffling random walk (this α) over
+  # each query's top eval.rescore_top_k gallery entries (docs/methods/kpm.md); 0 = off.
+  c.eval.random_walk_alpha = 0.0
   c.eval.rerank = False                 # k-reciprocal re-ranking (Zhong et al. 2017)
   c.eval.tlift = False                  # temporal lifting (QAConv paper, Sec. 4)
   # Matcher score → re-ranking distance: "sigmoid" = 1 - sigmoid(s/10), "neg" = -s.

@@ -4,6 +4,7 @@
     model = jaxreid.load("qaconv_gs", "runs/market")            # a jaxreid training run
     maps = model.encode(images)                                 # [B, h, w, d]
     scores = model.match(maps[:10], maps)                       # [10, B] logits
+    ranked = model.ranking_scores(maps[:10], maps)              # as evaluation ranks them
     nformer = jaxreid.load("nformer", "nformer_model.pth")      # NFormer stage 2 (or a run)
     refined = nformer.refine(features, num_queries=len(query))  # post-BN refined vectors
 """
@@ -232,6 +233,16 @@ class ReidModel:
                         self._check_maps(gallery_maps, "gallery_maps"),
                         tile_p=tile_p or ev.get("tile_p", 64),
                         tile_g=tile_g or ev.get("tile_g", 256), progress=progress)
+
+  def ranking_scores(self, probe_maps, gallery_maps, *, rerank: bool = False) -> np.ndarray:
+    """What evaluation ranks by [P, G] (higher = better; `evaluator.ranking_scores`): `match`,
+    or with config.eval.rescore_top_k each probe's top k of the pooled features' Euclidean
+    ranking re-scored (with eval.random_walk_alpha, KPM's random walk: the authors' released
+    evaluation, distance sigmoid(−score)); with `rerank`, −(k-reciprocal re-ranked distance)."""
+    from jaxreid.eval.evaluator import ranking_scores
+    return ranking_scores(self.config, self.module, self.variables,
+                          self._check_maps(probe_maps, "probe_maps"),
+                          self._check_maps(gallery_maps, "gallery_maps"), rerank=rerank)
 
   def correspondences(self, probe_maps, gallery_maps) -> dict:
     """Argmax matches for drawing: for every pair and matching layer, each probe location's best

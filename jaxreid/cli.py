@@ -44,7 +44,9 @@ flags.DEFINE_integer("num_matches", 24, "For --mode=visualize: strongest matches
                      "and layer (0 = all).")
 flags.DEFINE_integer("top_k", 10, "For --mode=visualize|rank: gallery images per rank list.")
 flags.DEFINE_bool("rerank", True, "For --mode=visualize: also draw the k-reciprocal re-ranked "
-                  "lists (eval.rerank_k1/k2/lambda; scores the gallery against itself).")
+                  "lists (eval.rerank_k1/k2/lambda; scores the gallery against itself); for "
+                  "--mode=rank, given explicitly: rank by the re-ranked distance (--mode=eval's "
+                  "+RR row) instead of the plain scores.")
 flags.DEFINE_string("images", None, "For --mode=extract: a folder of images (searched "
                     "recursively) or a text file listing image paths, one a line.")
 flags.DEFINE_string("query", None, "For --mode=rank: the query images (a folder or a list "
@@ -188,7 +190,8 @@ def main(argv):
     return
   if FLAGS.mode == "rank":
     out_dir = FLAGS.output or os.path.join(workdir, "rank")
-    tools.rank(config, checkpoint, FLAGS.query, FLAGS.gallery, out_dir, FLAGS.top_k)
+    tools.rank(config, checkpoint, FLAGS.query, FLAGS.gallery, out_dir, FLAGS.top_k,
+               rerank=FLAGS["rerank"].present and FLAGS.rerank)
     print(os.path.join(out_dir, "ranking.csv"))
     print(os.path.join(out_dir, "index.html"))
     return

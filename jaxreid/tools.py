@@ -298,22 +298,34 @@ def extract(config, checkpoint: str, images: str | None, output: str) -> dict:
 
 
 def rank(config, checkpoint: str, query: str | None, gallery: str | None, out_dir: str,
-         top_k: int = 10, min_height: int = 128) -> dict:
+         top_k: int = 10, min_height: int = 128, rerank: bool = False) -> dict:
   """--mode=rank: ranks the `gallery` images for each `query` image (folders or list files)
-  with the model's scores; writes out_dir/rank*.png (identities unknown: grey frames),
-  ranking.json, ranking.csv (query, rank, gallery, score) and index.html. Returns the index."""
+  with the method's whole evaluation scorer (`evaluator.ranking_scores`: NFormer refinement,
+  top-k re-scoring, KPM's random walk; with `rerank`, k-reciprocal re-ranking, the score then
+  being −distance), as --mode=eval ranks the same images; writes out_dir/rank*.png (identities
+  unknown: grey frames), ranking.json, ranking.csv (query, rank, gallery, score) and
+  index.html. Returns the index."""
   import csv
   import html
   import jaxreid
-  from jaxreid import viz
+  from jaxreid import registry, viz
+  from jaxreid.eval.evaluator import ranking_scores
   from jaxreid.eval.metrics import top_k as best
+  from jaxreid.train import preflight
   q_paths, q_names = image_files(query, "--query")
   g_paths, g_names = image_files(gallery, "--gallery")
   if top_k < 1:
     raise ValueError(f"--top_k must be at least 1; got {top_k}.")
+  preflight.validate_eval(config)
   _writable(out_dir)
   model = jaxreid.load(config, checkpoint)
-  scores = model.match(encode_files(model, q_paths), encode_files(model, g_paths))
+  method = registry.method_of(config)
+  q, g = encode_files(model, q_paths), encode_files(model, g_paths)
+  if method.refiner is None:
+    scores = model.ranking_scores(q, g, rerank=rerank)
+  else:
+    scores = ranking_scores(model.config, model.module, model.variables, q, g, rerank=rerank,
+                            refine=method.refiner(config, checkpoint))
   indices, values = best(scores, top_k)
   resize = model.config.data.get("resize", "bicubic")
   picture = lambda path: _upscaled(load_images([path], model.input_size, resize)[0], min_height)
@@ -327,8 +339,8 @@ def rank(config, checkpoint: str, query: str | None, gallery: str | None, out_di
     rankings.append({"query": q_names[i], "png": path, "ranked": [
         {"gallery": g_names[g], "gallery_index": int(g), "score": float(v)}
         for g, v in zip(row, vals)]})
-  index = {"checkpoint": str(checkpoint), "method": model.config.model.name, "top_k": top_k,
-           "rankings": rankings}
+  index = {"checkpoint": str(checkpoint), "method": method.name, "top_k": top_k,
+           "reranked": bool(rerank), "rankings": rankings}
   with open(os.path.join(out_dir, "ranking.json"), "w") as f:
     json.dump(index, f, indent=2)
   with open(os.path.join(out_dir, "ranking.csv"), "w", newline="") as f:

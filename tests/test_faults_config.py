@@ -117,6 +117,10 @@ def test_a_finished_run_is_evaluated_again_only_under_other_settings(synthetic_d
     ("eval.distance=bogus", "eval.distance='bogus' must be one of sigmoid, neg."),
     ("eval.rerank_k1=0", "eval.rerank_k1=0 must be a positive integer."),
     ("eval.rerank_lambda=1.5", "eval.rerank_lambda=1.5 must be a finite number in [0, 1]."),
+    ("eval.random_walk_alpha=1.0", "eval.random_walk_alpha=1.0 must be a finite number in "
+     "[0, 0.999] (0 = off; 1 makes the walk singular)."),
+    ("eval.random_walk_alpha=0.9", "eval.random_walk_alpha > 0 walks over each query's top-k "
+     "gallery entries; set eval.rescore_top_k"),
     ("train.lr_step_epochs=abc", "train.lr_step_epochs="),
     ("train.momentum=nan", "train.momentum=nan must be a finite number in [0, 1]."),
     ("train.stop_at_step=-1", "train.stop_at_step=-1 must be a positive integer."),

@@ -21,7 +21,8 @@ from jaxreid.data import datasets, pipeline
 from jaxreid.eval.metrics import evaluate_ranking, top_k
 from jaxreid.eval.rerank import rerank
 from jaxreid.eval.scoring import (ChunkScorer, first_stage_scores, global_features, match_fn,
-                                   rescore_top_k, score_matrix)
+                                   matched_pairs, merge_top_k, rescore_top_k, score_matrix,
+                                   score_pairs, top_k_order)
 from jaxreid.eval.tlift import tlift
 
 RANKS = (1, 5, 10, 20)
@@ -174,6 +175,66 @@ def streamed_scores(model, variables, probe, split, config, mesh, *, keep_galler
   return scores, (np.concatenate(kept) if keep_gallery else None)
 
 
+def streamed_rescored(model, variables, probe, split, config, mesh, *, desc="gallery"):
+  """`rescored` with `split` streamed (docs/evaluation.md): the gallery is encoded chunk by chunk
+  into the first stage's pooled vectors, then again, each chunk scoring only the pairs of the
+  probes' top eval.rescore_top_k that fall in it; with eval.random_walk_alpha the walk then runs
+  per probe on its top k's pair scores and pooled vectors. Peak memory: the probes, one chunk,
+  the [G, C] vectors and [P, k] pair scores besides the [P, G] result."""
+  ev = config.eval
+  chunk = gallery_chunk(config, len(split))
+  chunks = lambda what: encode_chunks(model, variables, split, config, mesh, chunk,
+                                      desc=f"{desc}: {what}")
+  pooled = np.concatenate([global_features(model, variables,
+                                           parallel.replicated_to_host(maps)[:valid])
+                           for _, maps, valid in chunks("first stage")])
+  first = first_stage_scores(global_features(model, variables, probe), pooled)
+  order = top_k_order(first, ev.rescore_top_k)
+  num_p, k = order.shape
+  alpha = float(ev.get("random_walk_alpha", 0.0))
+  pair_fn = group_logits_fn(model) if alpha else matched_pairs(match_fn(model))
+  tile = max(1, min(ev.tile_p * ev.tile_g, num_p * k))
+  pairs = None
+  for start, maps, valid in chunks(f"top-{k} pairs"):
+    rows, cols = np.nonzero((order >= start) & (order < start + valid))
+    if not len(rows):
+      continue
+    out = score_pairs(pair_fn, variables, probe, parallel.replicated_to_host(maps)[:valid], rows,
+                      order[rows, cols] - start, tile)
+    if pairs is None:
+      pairs = np.empty((num_p, k, out.shape[1]), np.float32)
+    pairs[rows, cols] = out
+  if not alpha:
+    return merge_top_k(first, order, pairs[..., 0])
+  walk = _jitted_walk(model, alpha)
+  tp = min(ev.tile_p, num_p)
+  walked = np.empty((num_p, k), np.float32)
+  for p0 in range(0, num_p, tp):
+    rows = np.minimum(np.arange(p0, p0 + tp), num_p - 1)     # the last tile padded by repetition
+    walked[p0:p0 + tp] = np.asarray(walk(variables, pairs[rows], pooled[order[rows]]))[
+        :num_p - p0]
+  return merge_top_k(first, order, walked)
+
+
+@functools.lru_cache(maxsize=None)
+def group_logits_fn(model):
+  """(variables, probe [T, …], gallery [T, …]) → [T, E·E]: the matcher's per-(embed, group)
+  logits of aligned pairs (KPM's released variant), for `streamed_rescored`'s walk."""
+  if not hasattr(getattr(model, "matcher", None), "group_logits"):
+    raise ValueError("eval.random_walk_alpha > 0 needs a matcher with a random walk (KPM's "
+                     "released variant); set it to 0.")
+  return lambda variables, p, g: model.apply(variables, p, g,
+                                             method=lambda m, p, g: m.matcher.group_logits(p, g))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_walk(model, alpha: float):
+  """(variables, group logits [T, k, E·E], pooled [T, k, C]) → walked logits [T, k]."""
+  one = lambda variables, a, b: model.apply(variables, a, b,
+                                            method=lambda m, a, b: m.matcher.walk(a, b, alpha))
+  return jax.jit(lambda variables, a, b: jax.vmap(one, (None, 0, 0))(variables, a, b))
+
+
 def _fits_device(features, config) -> bool:
   return features.nbytes <= config.eval.get("probes_on_device_mb", PROBES_ON_DEVICE_MB) * 2**20
 
@@ -187,8 +248,10 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
 
   The query features are extracted once; the gallery is encoded and scored eval.gallery_chunk
   images at a time (docs/evaluation.md), so no gallery-sized feature array exists unless
-  re-ranking needs one. With `refine` or eval.rescore_top_k, or eval.stream = False, the
-  gallery features are extracted whole first (the in-memory path).
+  re-ranking needs one; with eval.rescore_top_k it is encoded twice (`streamed_rescored`).
+  With `refine`, eval.rescore_top_k and re-ranking, or eval.stream = False, the gallery
+  features are extracted whole first and scored by `pair_scorer` (the in-memory path, which
+  --mode=rank shares through `ranking_scores`; both give the same scores).
 
   `refine(q, g) → (q', g')`, if given, transforms the extracted query and gallery features of a
   test set before scoring (NFormer's set refinement).
@@ -204,8 +267,9 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
   results = {"test": {}, "paper": config.eval.paper.to_dict(),
              "eval_settings": eval_settings(config)}
   retrieval = {}
-  stream = (refine is None and not config.eval.get("rescore_top_k", 0)
-            and config.eval.get("stream", True))
+  rescore = config.eval.get("rescore_top_k", 0)
+  stream = (refine is None and config.eval.get("stream", True)
+            and not (rescore and config.eval.rerank))
   for name, test_config in datasets.parse_specs(config.dataset.test):
     t0 = time.time()
     query = datasets.load_split(name, "query", data_dir=data_dir, config=test_config)
@@ -215,7 +279,10 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
     score = functools.partial(score_matrix, match_fn(model), variables, tile_p=config.eval.tile_p,
                               tile_g=config.eval.tile_g, mesh=mesh, progress=True)
     to_dist = functools.partial(score_distance, kind=config.eval.distance)
-    if stream:
+    if stream and rescore:
+      scores, g = streamed_rescored(model, variables, q, gallery, config, mesh, desc=title), None
+      self_distances = None       # re-ranking takes the in-memory path
+    elif stream:
       scores, g = streamed_scores(model, variables, q, gallery, config, mesh,
                                   keep_gallery=config.eval.rerank, desc=title)
       self_distances = lambda: (to_dist(score(q, q)),
@@ -224,8 +291,7 @@ def evaluate_matcher(config, model, variables, mesh, workdir=None, refine=None) 
       g = extract(model, variables, gallery, config, mesh, desc=f"{title}: gallery")
       if refine is not None:
         q, g = refine(q, g)
-      if config.eval.get("rescore_top_k", 0):   # only each query's top-k of a first stage
-        score = functools.partial(rescored, model, variables, config.eval)
+      score = pair_scorer(model, variables, config, mesh)
       scores = score(q, g)
       self_distances = lambda: (to_dist(score(q, q)), to_dist(score(g, g)))
     rows, notes = {}, []
@@ -288,14 +354,67 @@ def gallery_distances(model, variables, g, config, mesh):
   return columns
 
 
+def pair_scorer(model, variables, config, mesh=None):
+  """The method's scores of extracted features, `score(p, g)` → [P, G] (float32, host, higher =
+  better): the matcher on every pair, or with eval.rescore_top_k each probe's top k of a first
+  stage re-scored (`rescored`). The in-memory path of `evaluate_matcher`; `ranking_scores`
+  (--mode=rank) ranks with it too."""
+  if config.eval.get("rescore_top_k", 0):   # only each query's top-k of a first stage
+    return functools.partial(rescored, model, variables, config.eval)
+  if config.eval.get("random_walk_alpha", 0.0):
+    raise ValueError("eval.random_walk_alpha > 0 walks over each query's top-k gallery entries; "
+                     "set eval.rescore_top_k (the authors' 75), or set the alpha to 0.")
+  return functools.partial(score_matrix, match_fn(model), variables, tile_p=config.eval.tile_p,
+                           tile_g=config.eval.tile_g, mesh=mesh, progress=True)
+
+
+def ranking_scores(config, model, variables, q, g, *, mesh=None, refine=None,
+                   rerank: bool = False) -> np.ndarray:
+  """What evaluation ranks the extracted gallery features `g` by for each query of `q`:
+  `refine` (NFormer), `pair_scorer` (top-k re-scoring, KPM's random walk), then with `rerank`
+  the "+RR" row's k-reciprocal re-ranking (−distance). [P, G], higher = better."""
+  if refine is not None:
+    q, g = refine(q, g)
+  score = pair_scorer(model, variables, config, mesh)
+  scores = score(q, g)
+  if not rerank:
+    return scores
+  to_dist = functools.partial(score_distance, kind=config.eval.get("distance", "sigmoid"))
+  return reranked(config.eval, scores, to_dist(score(q, q)), to_dist(score(g, g)))
+
+
+def reranked(eval_config, scores, qq, gg, block_dir=None) -> np.ndarray:
+  """−(k-reciprocal re-ranked distance) [P, G] of the scores, from the QQ and GG distances (GG
+  may be a function of column blocks, see `rerank`)."""
+  return -rerank(score_distance(scores, eval_config.get("distance", "sigmoid")), qq, gg,
+                 k1=eval_config.get("rerank_k1", 20), k2=eval_config.get("rerank_k2", 6),
+                 lambda_value=eval_config.get("rerank_lambda", 0.3), block_dir=block_dir,
+                 block_columns=getattr(gg, "block_columns", None))
+
+
 def rescored(model, variables, eval_config, probe, gallery) -> np.ndarray:
   """`scoring.rescore_top_k` with eval.rescore_top_k entries per query re-scored by the matcher,
-  after a first stage of −‖p − g‖² on `scoring.global_features`."""
+  after a first stage of −‖p − g‖² on `scoring.global_features`; with eval.random_walk_alpha
+  > 0, by the matcher's `walked` scores of each query's whole top k (KPM's released evaluation,
+  docs/methods/kpm.md: the walked logit, whose distance P(different) is sigmoid(−logit))."""
   first = first_stage_scores(global_features(model, variables, probe),
                              global_features(model, variables, gallery))
+  alpha = float(eval_config.get("random_walk_alpha", 0.0))
   return rescore_top_k(match_fn(model), variables, probe, gallery, first,
                        eval_config.rescore_top_k, tile_p=eval_config.tile_p,
-                       tile_g=eval_config.tile_g, progress=True)
+                       tile_g=eval_config.tile_g, progress=True,
+                       top_k_fn=walk_fn(model, alpha) if alpha else None)
+
+
+@functools.lru_cache(maxsize=None)
+def walk_fn(model, alpha: float):
+  """(variables, probe […], gallery [k, …]) → [k]: the matcher's random-walked scores of one
+  probe's top k (a stable function per model and α, for the jit cache)."""
+  if not hasattr(getattr(model, "matcher", None), "walked"):
+    raise ValueError("eval.random_walk_alpha > 0 needs a matcher with a random walk (KPM's "
+                     "released variant); set it to 0.")
+  return lambda variables, p, g: model.apply(variables, p, g,
+                                             method=lambda m, p, g: m.matcher.walked(p, g, alpha))
 
 
 def post_processed(eval_config, scores, self_distances, query, gallery, title, notes,
@@ -323,13 +442,11 @@ def post_processed(eval_config, scores, self_distances, query, gallery, title, n
     yield "+TLift", lift(expit(scores / 10))
   if eval_config.rerank:
     qq, gg = self_distances()
-    dist = rerank(score_distance(scores, eval_config.distance), qq, gg, k1=eval_config.rerank_k1,
-                  k2=eval_config.rerank_k2, lambda_value=eval_config.rerank_lambda,
-                  block_dir=block_dir, block_columns=getattr(gg, "block_columns", None))
+    similarity = reranked(eval_config, scores, qq, gg, block_dir=block_dir)
     del qq, gg
-    yield "+RR", -dist
+    yield "+RR", similarity
     if use_tlift:
-      yield "+RR+TLift", lift(1 - dist)
+      yield "+RR+TLift", lift(1 + similarity)
 
 
 def score_distance(scores, kind="sigmoid"):

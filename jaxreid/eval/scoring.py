@@ -121,7 +121,8 @@ def first_stage_scores(probe_vectors, gallery_vectors) -> np.ndarray:
 
 
 def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: int, *,
-                  tile_p: int = 64, tile_g: int = 256, progress: bool = False) -> np.ndarray:
+                  tile_p: int = 64, tile_g: int = 256, progress: bool = False,
+                  top_k_fn=None) -> np.ndarray:
   """Scores [P, G]: each probe's `k` best gallery entries under `first_stage` [P, G] (higher =
   better) scored by `match_fn`, the other entries ranked after all of them in their
   first-stage order (first-stage score shifted below the row's lowest re-scored value). With
@@ -129,7 +130,10 @@ def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: 
 
   Work is done in fixed-shape tiles of min(tile_p, P) probes × min(k, tile_g) of each probe's
   own gallery entries (gathered on host, padded by repetition), one jitted, vmapped call per
-  tile on the default device; `match_fn` as for `score_matrix`.
+  tile on the default device; `match_fn` as for `score_matrix`. `top_k_fn(variables, probe
+  […], gallery [k, …]) → [k]`, if given, scores a probe's whole top k at once instead (KPM's
+  random walk, whose scores depend on the k gallery entries together): tiles of all k columns.
+  It must be a stable function object (part of the jit cache key).
   """
   probe, gallery = _host(probe, "probe"), _host(gallery, "gallery")
   first = np.asarray(first_stage, np.float32)
@@ -141,8 +145,8 @@ def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: 
   k = min(k, num_g)
   if num_p == 0 or num_g == 0:
     return first.copy()
-  order = np.argsort(-first, axis=1, kind="stable")[:, :k]                      # [P, k]
-  tp, tk = min(tile_p, num_p), min(k, tile_g)
+  order = top_k_order(first, k)                                                  # [P, k]
+  tp, tk = min(tile_p, num_p), (k if top_k_fn is not None else min(k, tile_g))
   rescored = np.empty((num_p, k), np.float32)
   with tqdm(total=num_p * k, unit="pair", unit_scale=True, desc="re-scoring top-k",
             disable=not progress) as bar:
@@ -150,12 +154,29 @@ def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: 
       rows = _tile(np.arange(num_p), p0, tp)
       for k0 in range(0, k, tk):
         cols = _tile(order[rows, k0:k0 + tk].T, 0, tk).T                         # [tp, tk]
-        tile = np.asarray(_rescore_tile(match_fn, variables, probe[rows], gallery[cols]))
+        if top_k_fn is None:
+          tile = np.asarray(_rescore_tile(match_fn, variables, probe[rows], gallery[cols]))
+        else:
+          tile = np.asarray(_joint_tile(top_k_fn, variables, probe[rows], gallery[cols]))
         n_p, n_k = min(tp, num_p - p0), min(tk, k - k0)
         rescored[p0:p0 + n_p, k0:k0 + n_k] = tile[:n_p, :n_k]
         bar.update(n_p * n_k)
+  return merge_top_k(first, order, rescored)
+
+
+def top_k_order(first_stage, k: int) -> np.ndarray:
+  """[P, min(k, G)] gallery indices of each probe's best first-stage entries, best first (a
+  stable sort: ties in gallery order)."""
+  return np.argsort(-np.asarray(first_stage), axis=1, kind="stable")[:, :k]
+
+
+def merge_top_k(first_stage, order, rescored) -> np.ndarray:
+  """Scores [P, G]: `rescored` [P, k] at each probe's `order` entries, every other entry its
+  first-stage score shifted below the row's lowest re-scored value (ranked after all of them,
+  in first-stage order)."""
+  first = np.asarray(first_stage, np.float32)
   out = np.empty_like(first)
-  if k < num_g:
+  if order.shape[1] < first.shape[1]:
     rest = np.ones_like(first, bool)
     np.put_along_axis(rest, order, False, axis=1)
     high = np.where(rest, first, -np.inf).max(1, keepdims=True)
@@ -164,11 +185,45 @@ def rescore_top_k(match_fn: MatchFn, variables, probe, gallery, first_stage, k: 
   return out
 
 
+def score_pairs(pair_fn, variables, probe, gallery, probe_rows, gallery_rows, tile: int):
+  """[N, F] of `pair_fn(variables, probe[probe_rows], gallery[gallery_rows])` (aligned rows →
+  [T, F]) in fixed tiles of `tile` pairs (the last padded by repetition; one compiled shape);
+  the rows are gathered on host."""
+  n = len(probe_rows)
+  out = []
+  for i in range(0, n, tile):
+    pr, gr = _tile(probe_rows, i, tile), _tile(gallery_rows, i, tile)
+    out.append(np.asarray(_pair_tile(pair_fn, variables, probe[pr], gallery[gr]))[:n - i])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pair_tile(pair_fn, variables, probe, gallery):
+  return pair_fn(variables, probe, gallery).astype(jnp.float32)
+
+
+def matched_pairs(match_fn: MatchFn):
+  """A `score_pairs` function [T, 1] of aligned rows from a matcher's `match_fn`."""
+  return _matched_pairs(match_fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _matched_pairs(match_fn):
+  one = lambda variables, p, g: match_fn(variables, p[None], g[None])[0, 0]
+  return lambda variables, p, g: jax.vmap(one, (None, 0, 0))(variables, p, g)[:, None]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _rescore_tile(match_fn, variables, probe, gallery):
   """probe [tp, …], gallery [tp, tk, …] → [tp, tk]: each probe against its own gallery rows."""
   one = lambda p, g: match_fn(variables, p[None], g)[0].astype(jnp.float32)
   return jax.vmap(one)(probe, gallery)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _joint_tile(top_k_fn, variables, probe, gallery):
+  """probe [tp, …], gallery [tp, k, …] → [tp, k]: each probe's whole top k at once."""
+  return jax.vmap(lambda p, g: top_k_fn(variables, p, g).astype(jnp.float32))(probe, gallery)
 
 
 # ------------------------------------------------------------------------------------------------

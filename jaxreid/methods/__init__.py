@@ -22,6 +22,8 @@ class Method:
   train(config, workdir, mesh) / evaluate(config, checkpoint, workdir) / load(checkpoint):
     replace the standard pipeline (one image model: `train.loop.train_and_evaluate`,
     `api.evaluate_checkpoint`, `api.ReidModel`) for a method with more stages.
+  refiner(config, checkpoint) → refine(q, g) → (q', g'): the test-time transform of extracted
+    query and gallery features that `evaluate` applies (NFormer's stage 2), for --mode=rank.
   """
   name: str
   kind: str                                   # "pairwise" | "embedding"
@@ -36,6 +38,7 @@ class Method:
   train: Callable[..., dict] | None = None
   evaluate: Callable[..., dict] | None = None
   load: Callable[..., Any] | None = None
+  refiner: Callable[..., Callable] | None = None
 
   def train_and_evaluate(self, config, workdir, mesh=None) -> dict:
     """Trains `config` in `workdir` (resuming) and evaluates; {} when stopped early. The run

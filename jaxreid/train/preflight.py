@@ -162,6 +162,12 @@ def validate_eval(config) -> None:
       _integer(f"eval.{name}", e[name])
   if "rerank_lambda" in e:
     _number("eval.rerank_lambda", e.rerank_lambda, 0.0, 1.0)
+  if e.get("random_walk_alpha", 0.0):
+    _number("eval.random_walk_alpha", e.random_walk_alpha, 0.0, 0.999,
+            meaning=" (0 = off; 1 makes the walk singular)")
+    if not e.get("rescore_top_k", 0):
+      raise ValueError("eval.random_walk_alpha > 0 walks over each query's top-k gallery "
+                       "entries; set eval.rescore_top_k (the authors' 75), or set the alpha to 0.")
   for name in ("tlift_tau", "tlift_sigma"):
     if name in e:
       _number(f"eval.{name}", e[name], 0.0, open_low=True, meaning=" (seconds)")

@@ -1,7 +1,7 @@
 """KPM: Kronecker-product matching with soft warping, self-residual attention and the hourglass
 (Shen et al., "End-to-End Deep Kronecker-Product Matching for Person Re-identification", CVPR
 2018; docs/methods/kpm.md), and the authors' released single-scale variant (`RandomWalkEmbed`
-of YantaoShen/kpm_rw_person_reid, without its random walk).
+of YantaoShen/kpm_rw_person_reid; its evaluation-time random walk: `KPMMatcher.walked`).
 
 Notation of the paper (Sec. 3.1): probe map X = {x_i}, gallery map Y = {y_j}, M positions each.
   K_ij = x̄_iᵀ ȳ_j (x̄, ȳ: L2-normalised per position, for matching only),
@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxreid.methods.kpm.random_walk import walked_mean
 from jaxreid.models import FeatureMapEncoder
 from jaxreid.nn.norms import FeatureBatchNorm, l2_normalize
 
@@ -253,6 +254,45 @@ class KPMMatcher(nn.Module):
     return [(self._embed(j, p2g[i], train),
              self._embed(j, g2g[i], train) if gallery_pairs else None)
             for j in range(self.groups) for i in range(self.groups)]
+
+  def _embed_outputs(self, diffs, train: bool = False):
+    """Released variant: the 2-way class scores [E·E, …, 2] of every embed h (outer) applied to
+    the squared difference of every channel group j (inner), the authors' (h, j) order."""
+    return jnp.stack([self._embed(h, d, train) for h in range(self.groups) for d in diffs])
+
+  def walked(self, probe, gallery, alpha: float):
+    """Released variant, the authors' evaluation (docs/methods/kpm.md): probe [M…] against its k
+    gallery maps [k, M…] → the (same − different) logits [k] after the group-shuffling random
+    walk. α = 0 gives `__call__(probe[None], gallery)[0]`."""
+    probes = jnp.broadcast_to(probe[None], (gallery.shape[0], *probe.shape))
+    return self.walk(self.group_logits(probes, gallery), self.global_features(gallery), alpha)
+
+  def group_logits(self, x, y):
+    """Released variant: the (same − different) logits [N, E·E] of aligned pairs x [N, M…],
+    y [N, M…], one per (embed h, channel group j), before their mean (`pairs`)."""
+    self._check_released()
+    (x,), (y,) = self._split(x), self._split(y)
+    c = x.shape[-1] // self.groups
+    out = self._embed_outputs([released_difference(x[..., j * c:(j + 1) * c],
+                                                   y[..., j * c:(j + 1) * c], 1.0 / self.tau,
+                                                   paired=True) for j in range(self.groups)])
+    return (out[..., 1] - out[..., 0]).T
+
+  def walk(self, group_logits, pooled, alpha: float):
+    """One probe's walked logits [k] from its `group_logits` [k, E·E] against k gallery images
+    and their pooled maps [k, C] (`global_features`): per (h, j), the gallery–gallery "same"
+    logits of embed h on group j of the pooled maps (the authors' g2g branch: no warping) drive
+    `random_walk.walked_mean`."""
+    self._check_released()
+    c = pooled.shape[-1] // self.groups
+    chunks = [pooled[:, j * c:(j + 1) * c] for j in range(self.groups)]
+    gg = self._embed_outputs([g[None] - g[:, None] for g in chunks])              # [E², k, k, 2]
+    return walked_mean(group_logits.T, gg[..., 1], alpha)
+
+  def _check_released(self):
+    if self.variant != "released":
+      raise ValueError("eval.random_walk_alpha > 0 needs the released KPM variant "
+                       "(model.variant = 'released'); set it to 0.")
 
   def global_features(self, features):
     """The final map average-pooled ([N, C_1]): the first stage of a top-k re-scoring (the

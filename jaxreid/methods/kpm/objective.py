@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxreid.methods.kpm.random_walk import walk_matrix
 from jaxreid.objectives import Objective, encode_for_training
 
 
@@ -62,9 +63,7 @@ def random_walk(p2g, g2g, alpha: float):
   gallery × gallery "same" scores (diagonal excluded; no gradient through A); both score
   arrays are mixed over their gallery axis: s'[…, g, :] = Σ_k W[g, k] s[…, k, :].
   p2g [P, G, 2], g2g [G, G, 2] → the same shapes."""
-  g = g2g.shape[0]
-  same = jnp.where(jnp.eye(g, dtype=bool), -jnp.inf, jax.lax.stop_gradient(g2g[..., 1]))
-  w = (1 - alpha) * jnp.linalg.inv(jnp.eye(g) - alpha * jax.nn.softmax(same, axis=1))
+  w = walk_matrix(jax.lax.stop_gradient(g2g[..., 1]), alpha)
   return jnp.einsum("pkc,gk->pgc", p2g, w), jnp.einsum("akc,gk->agc", g2g, w)
 
 

@@ -21,6 +21,12 @@ def _evaluate(config, checkpoint, workdir=None, mesh=None):
   return pipeline.evaluate(config, checkpoint, workdir, mesh)
 
 
+def _refiner(config, checkpoint):
+  from jaxreid.methods.nformer import pipeline
+  return pipeline.checkpoint_refiner(config, checkpoint)
+
+
 METHOD = dataclasses.replace(
     STAGE1, convert=None, detect=convert.detect, train=_train, evaluate=_evaluate,
-    load=refine.load_nformer, describe=lambda m: "pooling gap, NFormer stage 2")
+    load=refine.load_nformer, refiner=_refiner,
+    describe=lambda m: "pooling gap, NFormer stage 2")

@@ -139,6 +139,16 @@ def stage2_refiner(config, variables):
                       landmark_seed=int(nf.landmark_seed))
 
 
+def checkpoint_refiner(config, checkpoint):
+  """`stage2_refiner` of the stage-2 head in checkpoint/nformer (a run's workdir), its shapes
+  (dim, heads, ffn, layers) from the saved config, the rest from `config`."""
+  nf_config, nf_vars = restore_for_eval(str(Path(checkpoint) / STAGE2_DIR))
+  config = resolve(config)
+  with config.unlocked():
+    config.nformer.update({k: nf_config.nformer[k] for k in ("dim", "heads", "ffn", "layers")})
+  return stage2_refiner(config, nf_vars)
+
+
 def _stage1(workdir: Path):
   """(config, model, variables) of the stage-1 run in `workdir` (best, else latest)."""
   saved, variables = restore_for_eval(str(workdir))
@@ -275,14 +285,10 @@ def evaluate(config, checkpoint: str, workdir: str | None = None, mesh=None) -> 
   checkpoint = Path(checkpoint)
   mesh = mesh or parallel.make_mesh()
   s1_config, model, variables = _stage1(checkpoint)
-  nf_config, nf_vars = restore_for_eval(str(checkpoint / STAGE2_DIR))
-  config = resolve(config)
-  with config.unlocked():
-    config.nformer.update({k: nf_config.nformer[k] for k in ("dim", "heads", "ffn", "layers")})
   stage1 = evaluate_matcher(s1_config, model, variables, mesh)
   results = evaluate_matcher(s1_config, model, variables, mesh, workdir=workdir,
-                             refine=stage2_refiner(config, nf_vars))
-  results.update(paper=config.nformer.paper.to_dict(), stage1=stage1,
+                             refine=checkpoint_refiner(config, checkpoint))
+  results.update(paper=resolve(config).nformer.paper.to_dict(), stage1=stage1,
                  checkpoint=str(checkpoint))
   if workdir is not None:
     write_results(workdir, results)

@@ -1,165 +1,158 @@
-"""kpm:released's training (the authors' RandomWalkGrpShufTrainer on RandomWalkKpmNet) against a
-PyTorch transcription of the official computation on a tiny batch, and its optimiser groups."""
-import jax
-import jax.numpy as jnp
+"""The KPM authors' released evaluation (YantaoShen/kpm_rw_person_reid, reid/evaluators.py:
+`CascadeEvaluator` + `compute_random_walk`, distance = softmax(·)[different]), transcribed here
+in PyTorch/NumPy on a small released-layout model, against jaxreid's top-k re-scoring with the
+group-shuffling random walk: in the evaluator and through `main.py --mode=rank`."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
-from configs import kpm
-from jaxreid import registry
-from jaxreid.methods.kpm import objective
-from jaxreid.methods.kpm.convert import kpm_to_torch
-from jaxreid.methods.kpm.model import KPMMatcher
-from jaxreid.train import preflight
-from jaxreid.train.loop import create_train_state, make_train_step
-from jaxreid.train.optim import make_optimizer
+import jaxreid
+from jaxreid.methods.kpm.random_walk import random_walk
+from test_kpm_convert import MEAN, STD, authors_model
 
-P, K, H, W, C, GROUPS, ALPHA = 3, 3, 3, 2, 8, 2, 0.9
+GROUPS, ALPHA, TOP = 2, 0.95, 4
+SCALE = 4.0          # the embeds' classifier weights ×SCALE: walked distances spread over ~0.1
+H, W = 384, 128        # an official file loads at the authors' input size
 
 
-def _official_embed(bn, classifier, probe, gallery, p2g):
-  """RandomWalkEmbed.forward (temperature 1, no dropout), NCHW maps."""
-  if p2g:
-    n_p, c, h, w = probe.shape
-    n_g = gallery.shape[0]
-    x1 = gallery.unsqueeze(0).expand(n_p, n_g, c, h, w).reshape(n_p * n_g, c, h, w)
-    x2 = probe.unsqueeze(1).expand(n_p, n_g, c, h, w).reshape(n_p * n_g, c, h, w)
-    n = x1.shape[0]
-    # kron(x1/‖x1‖, x2/‖x2‖): every position of x1 convolved (1×1) with x2
-    w_ = (x1 / x1.norm(2, 1, keepdim=True)).permute(0, 2, 3, 1).reshape(-1, c, 1, 1)
-    kro = F.conv2d((x2 / x2.norm(2, 1, keepdim=True)).reshape(1, n * c, h, w), w_, groups=n)
-    att = F.softmax(kro.reshape(n * h * w, h * w), dim=1).reshape(n, h * w, h * w)
-    warped = torch.bmm(x2.reshape(n, c, h * w), att.transpose(1, 2)).reshape(n, c, h, w)
-    diff = F.avg_pool2d(warped - x1, (h, w))
-  else:
-    n_p = n_g = probe.shape[0]
-    pooled = F.avg_pool2d(probe, probe.shape[2:]).reshape(n_p, -1)
-    diff = pooled.unsqueeze(0).expand(n_p, n_g, -1) - pooled.unsqueeze(1).expand(n_p, n_g, -1)
-  out = classifier(bn(diff.pow(2).reshape(n_p * n_g, -1)))
-  return out.reshape(n_p, n_g, -1)
-
-
-def _official_loss(state, maps_nchw, labels):
-  """RandomWalkKpmNet.forward + random_walk_compute + RandomWalkGrpShufTrainer._forward."""
-  embeds = []
-  for g in range(GROUPS):
-    bn, fc = torch.nn.BatchNorm1d(C // GROUPS), torch.nn.Linear(C // GROUPS, 2)
-    bn.weight.data = torch.tensor(state[f"embed_{g}.bn.weight"])
-    bn.bias.data = torch.tensor(state[f"embed_{g}.bn.bias"])
-    fc.weight.data = torch.tensor(state[f"embed_{g}.classifier.weight"])
-    fc.bias.data = torch.tensor(state[f"embed_{g}.classifier.bias"])
-    embeds.append((bn.train(), fc))
-  x = maps_nchw.reshape(P, K, C, H, W)
-  probe, gallery = x[:, 0], x[:, 1:].reshape(P * (K - 1), C, H, W)
-  count = C // GROUPS
-  outputs = []
-  for j in range(GROUPS):
-    for i in range(GROUPS):
-      chunk = slice(i * count, (i + 1) * count)
-      p_g = _official_embed(*embeds[j], probe[:, chunk], gallery[:, chunk], True)
-      g_g = _official_embed(*embeds[j], gallery[:, chunk], gallery[:, chunk], False)
-      n = g_g.shape[0]
-      # random_walk_compute: the softmax's implicit dim of a 2-D input is 1
-      inf_diag = torch.diag(torch.full((n,), -float("inf"))) + g_g.detach()[:, :, 1]
-      a = (1 - ALPHA) * torch.inverse(torch.eye(n) - ALPHA * F.softmax(inf_diag, dim=1))
-      a = a.transpose(0, 1)
-      p_g = torch.matmul(p_g.permute(2, 0, 1), a).permute(1, 2, 0).reshape(-1, 2)
-      g_g = torch.matmul(g_g.permute(2, 0, 1), a).permute(1, 2, 0).reshape(-1, 2)
-      outputs.append(torch.cat((p_g, g_g), 0))
-  outputs = torch.cat(outputs, 0)
-  t = labels.reshape(P, K)
-  probe_t, gallery_t = t[:, 0], t[:, 1:].reshape(-1)
-  targets = torch.zeros(P * K, P * (K - 1))
-  for r in range(P):
-    targets[r] = (probe_t[r] == gallery_t).float()
-  for r in range(P, P * K):
-    targets[r] = (gallery_t[r - P] == gallery_t).float()
-  targets = targets.reshape(-1).long().repeat(GROUPS * GROUPS)
-  return F.cross_entropy(outputs, targets)
-
-
-def test_release_loss_matches_the_official_computation():
-  rng = np.random.default_rng(0)
-  maps = rng.normal(size=(P * K, H, W, C)).astype(np.float32)
-  labels = np.asarray([0, 0, 0, 1, 1, 1, 0, 0, 0])          # groups 0 and 2 share an id
-  matcher = KPMMatcher(((H, W, C),), variant="released", tau=1.0, groups=GROUPS)
-  groups = maps.reshape(P, K, H, W, C)
-  probe, gallery = groups[:, 0], groups[:, 1:].reshape(-1, H, W, C)
-  variables = matcher.init(jax.random.key(1), probe, gallery)
-  # a classifier far from its N(0, 0.001) init, so that the random walk matters
-  variables = jax.tree.map(lambda a: a + 0.5 * jnp.cos(jnp.arange(a.size).reshape(a.shape)),
-                           variables)
-
-  def loss(params, maps):
-    groups = maps.reshape(P, K, H, W, C)
-    scores, _ = matcher.apply({**variables, "params": params}, groups[:, 0],
-                              groups[:, 1:].reshape(-1, H, W, C), True,
-                              method="released_scores", mutable=["batch_stats"])
-    return objective.random_walk_loss(scores, jnp.asarray(labels).reshape(P, K), ALPHA)[0]
-
-  value, grad = jax.value_and_grad(loss, argnums=1)(variables["params"], jnp.asarray(maps))
-  state = kpm_to_torch({"params": {"encoder": {"backbone": {}}, "matcher": variables["params"]},
-                        "batch_stats": {"matcher": variables["batch_stats"]}})
-  t_maps = torch.tensor(maps.transpose(0, 3, 1, 2), requires_grad=True)
-  expected = _official_loss(state, t_maps, torch.tensor(labels))
-  expected.backward()
-  np.testing.assert_allclose(float(value), expected.item(), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(grad), t_maps.grad.numpy().transpose(0, 2, 3, 1),
-                             rtol=1e-4, atol=1e-6)
-
-
-def test_random_walk_is_the_closed_form_of_its_iteration():
-  """W = (1 − α)(I − αA)⁻¹ is the limit of s ← α A s + (1 − α) s₀ over the gallery."""
-  rng = np.random.default_rng(2)
-  g2g = rng.normal(size=(5, 5, 2)).astype(np.float32)
-  p2g = rng.normal(size=(2, 5, 2)).astype(np.float32)
-  same = g2g[..., 1].astype(np.float64) + np.diag(np.full(5, -np.inf))
-  a = np.exp(same - same.max(1, keepdims=True))
+def numpy_walk(probe, gallery, alpha):
+  """compute_random_walk's step for one (embed, group) pair: probe [k, 2] class logits, gallery
+  [k, k, 2]; row softmax of the "same" logits with −∞ on the diagonal, then
+  probe ← ((1 − α)(I − α A)⁻¹)ᵀ applied from the right to each class row."""
+  k = len(probe)
+  s = gallery[:, :, 1].astype(np.float64).copy()
+  np.fill_diagonal(s, -np.inf)
+  a = np.exp(s - s.max(1, keepdims=True))
   a /= a.sum(1, keepdims=True)
-  s = p2g.astype(np.float64)
-  for _ in range(400):
-    s = ALPHA * np.einsum("gk,pkc->pgc", a, s) + (1 - ALPHA) * p2g
-  refined, _ = objective.random_walk(jnp.asarray(p2g), jnp.asarray(g2g), ALPHA)
-  np.testing.assert_allclose(np.asarray(refined), s, rtol=1e-4, atol=1e-5)
+  walk = (1 - alpha) * np.linalg.inv(np.eye(k) - alpha * a)
+  return (probe.T.astype(np.float64) @ walk.T).T
 
 
-def test_released_train_step_and_optimizer_groups():
-  config = kpm.get_config("released")
-  assert (config.train.optimizer, config.train.weight_decay, config.train.epochs) == ("adam",
-                                                                                    5e-4, 150)
-  assert config.train.lr * config.train.backbone_lr_mult == 2e-4       # backbone 2e-4
-  assert config.train.lr == 2e-3 and config.train.lr_step_epochs == (40, 80, 120)  # ×10
-  assert (config.model.groups, config.model.dropout, config.data.sampler) == (
-      2, 0.8, "multi_gallery")
-  config.model.update(depth=18, width=8)
-  config.data.update(height=64, width=32, batch_size=8)
-  model = registry.build_model(config)
-  method = registry.method_of(config)
-  tx = make_optimizer(config.train, steps_per_epoch=10)
-  obj = method.objectives[config.train.loss]
-  state = create_train_state(config, model, tx, obj, 2, jax.random.key(0))
-  batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 64, 32, 3)),
-                                jnp.uint8),
-           "label": jnp.asarray([0, 0, 0, 0, 1, 1, 1, 1], jnp.int32),
-           "index": jnp.arange(8, dtype=jnp.int32)}
-  new, metrics = jax.jit(make_train_step(model, tx, obj, config.train))(state, batch)
-  assert np.isfinite(float(metrics["loss"])) and int(new.step) == 1
-  # Adam's first step moves every parameter by ≈ its lr: 2e-4 in the backbone, 2e-3 in the embeds
-  step = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new.params, state.params)
-  assert 1.5e-4 < step["encoder"]["backbone"]["conv1"]["kernel"] < 2.5e-4
-  for g in range(2):
-    assert 1.5e-3 < step["matcher"][f"classifier_{g}"]["kernel"] < 2.5e-3
-    assert 1.5e-3 < step["matcher"][f"bn_{g}"]["scale"] < 2.5e-3
+def authors_distances(net, resnet, query, gallery, top, alpha):
+  """CascadeEvaluator.evaluate: Euclidean first stage on the average-pooled maps, each query's
+  `top` re-scored by compute_random_walk (every embed h on every channel group j: p2g logits
+  walked over the g2g logits of the pooled maps; mean over (h, j)), distance = softmax[:, 0];
+  the rest moved behind by the gap max(bar + 1 − d[top], 0)."""
+  prep = lambda im: ((torch.from_numpy(im).float() / 255 - MEAN) / STD).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    fq, fg = resnet(prep(query), "layer4"), resnet(prep(gallery), "layer4")
+    pq, pg = fq.mean((2, 3)).double().numpy(), fg.mean((2, 3)).double().numpy()
+    dist = (pq ** 2).sum(1)[:, None] + (pg ** 2).sum(1)[None] - 2 * pq @ pg.T
+    order = np.argsort(dist, axis=1)
+    count = fq.shape[1] // GROUPS
+    for i in range(len(query)):
+      g = fg[order[i, :top]]
+      outputs = []
+      for h in range(GROUPS):
+        embed = getattr(net, f"embed_{h}")
+        for j in range(GROUPS):
+          chunk = lambda x: x[:, j * count:(j + 1) * count]
+          p_g = embed(chunk(fq[i:i + 1]), chunk(g))[0].numpy()                # [top, 2]
+          pooled = chunk(g).mean((2, 3))
+          diff = (pooled[None] - pooled[:, None]) ** 2                        # g2g branch
+          g_g = embed.classifier(embed.bn(diff.reshape(top * top, -1))).reshape(top, top, 2)
+          outputs.append(numpy_walk(p_g, g_g.numpy(), alpha))
+      logits = np.mean(outputs, 0)
+      e = np.exp(logits - logits.max(1, keepdims=True))
+      dist[i, order[i, :top]] = (e / e.sum(1, keepdims=True))[:, 0]
+    for i in range(len(query)):
+      bar = dist[i, order[i, :top]].max()
+      gap = max(bar + 1.0 - dist[i, order[i, top]], 0.0)
+      dist[i, order[i, top:]] += gap
+  return dist
 
 
-def test_bad_random_walk_settings_are_one_sentence():
-  config = kpm.get_config("released")
-  config.train.rw_alpha = 1.0
-  with pytest.raises(ValueError, match=r"train.rw_alpha=1.0 must be a finite number in \[0, "):
-    preflight.validate(config, "pairwise")
-  config = kpm.get_config("released")
-  config.model.variant = "paper"
-  with pytest.raises(ValueError, match="set model.variant = 'released'"):
-    registry.build_model(config)
+def assert_same_order(authors, ranked, tol=1e-3):
+  """Every pair of gallery entries whose authors' distances differ by more than tol × their
+  spread is ranked in the authors' order; `ranked` [Q, G] are gallery indices, best first."""
+  for d, row in zip(authors, ranked):
+    position = np.empty(len(row), int)
+    position[row] = np.arange(len(row))
+    margin = tol * (d.max() - d.min())
+    closer = d[:, None] < d[None, :] - margin
+    assert closer.any()
+    assert (position[:, None] < position[None, :])[closer].all(), (d, row)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+  """A released-layout checkpoint (random weights) and 3 query and 7 gallery images of
+  random 32-pixel blocks."""
+  net, resnet = authors_model(GROUPS, seed=1)
+  with torch.no_grad():
+    for h in range(GROUPS):
+      getattr(net, f"embed_{h}").classifier.weight.mul_(SCALE)
+  state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+  root = tmp_path_factory.mktemp("kpm_walk")
+  torch.save({"state_dict": state, "epoch": 3}, root / "model_best.pth.tar")
+  rng = np.random.default_rng(3)
+  blocks = rng.integers(0, 256, (10, H // 32, W // 32, 3), dtype=np.uint8)
+  images = np.kron(blocks, np.ones((1, 32, 32, 1), np.uint8))
+  images = np.clip(images + rng.integers(-20, 21, images.shape), 0, 255).astype(np.uint8)
+  for split, part in (("query", images[:3]), ("gallery", images[3:])):
+    (root / split).mkdir()
+    for i, image in enumerate(part):
+      Image.fromarray(image).save(root / split / f"{split}{i}.png")
+  return net, resnet, root, images[:3], images[3:]
+
+
+def test_random_walk_matches_the_authors_step():
+  rng = np.random.default_rng(0)
+  p_g, g_g = rng.normal(size=(5, 2)), rng.normal(size=(5, 5, 2)) * 3
+  want = numpy_walk(p_g, g_g, 0.9)
+  got = random_walk(p_g.T.astype(np.float32),
+                    np.broadcast_to(g_g[:, :, 1], (2, 5, 5)).astype(np.float32), 0.9)
+  np.testing.assert_allclose(np.asarray(got).T, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(random_walk(p_g, g_g[..., 1], 0.0), p_g)
+
+
+def test_rescored_walk_ranks_as_the_authors_evaluator(released):
+  """The evaluator's scorer (what --mode=eval ranks by; `ReidModel.ranking_scores`) on the
+  converted model: the walked logits are the authors' distances through sigmoid(−logit) and
+  rank every query alike."""
+  net, resnet, root, query, gallery = released
+  model = jaxreid.load("configs/kpm.py:released", root / "model_best.pth.tar")
+  with model.config.unlocked():
+    model.config.eval.rescore_top_k = TOP
+  want = authors_distances(net, resnet, query, gallery, TOP, ALPHA)
+  scores = model.ranking_scores(model.encode(query), model.encode(gallery))
+  assert_same_order(want, np.argsort(-scores, axis=1, kind="stable"))
+  top = np.argsort(want, axis=1)[:, :TOP]
+  np.testing.assert_allclose(1 / (1 + np.exp(np.take_along_axis(scores, top, 1))),
+                             np.take_along_axis(want, top, 1), atol=1e-4)
+  with model.config.unlocked():      # α = 0: the plain re-scored logits
+    model.config.eval.random_walk_alpha = 0.0
+  plain = model.ranking_scores(model.encode(query), model.encode(gallery))
+  np.testing.assert_allclose(np.take_along_axis(plain, top, 1), np.take_along_axis(
+      model.score(query, gallery), top, 1), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.take_along_axis(plain, top, 1), np.take_along_axis(scores, top, 1))
+
+
+def test_main_rank_ranks_as_the_authors_evaluator(released, tmp_path):
+  """`main.py --config configs/kpm.py:released --mode=rank` (α = 0.95; top 4 of 7 so the
+  cascade matters) orders every query's whole gallery as the authors' evaluation does."""
+  net, resnet, root, query, gallery = released
+  out = tmp_path / "rank"
+  done = subprocess.run(
+      [sys.executable, "main.py", "--config", "configs/kpm.py:released",
+       "--checkpoint", str(root / "model_best.pth.tar"), "--mode=rank",
+       "--query", str(root / "query"), "--gallery", str(root / "gallery"),
+       "--top_k", str(len(gallery)), "--workdir", str(tmp_path), "--output", str(out),
+       f"--config.eval.rescore_top_k={TOP}", "--compilation_cache="],
+      capture_output=True, text=True, cwd=jaxreid.api.configs_dir().parent, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  index = json.loads((out / "ranking.json").read_text())
+  assert [r["query"] for r in index["rankings"]] == [f"query{i}.png" for i in range(3)]
+  ranked = [[e["gallery_index"] for e in r["ranked"]] for r in index["rankings"]]
+  want = authors_distances(net, resnet, query, gallery, TOP, ALPHA)
+  assert_same_order(want, np.asarray(ranked))
+  for i, r in enumerate(index["rankings"]):   # the top 4: sigmoid(−score) = the authors' P(diff)
+    top = {e["gallery_index"]: e["score"] for e in r["ranked"][:TOP]}
+    assert set(top) == set(np.argsort(want[i])[:TOP])
+    np.testing.assert_allclose([1 / (1 + np.exp(s)) for s in top.values()],
+                               want[i, list(top)], atol=1e-4)
