@@ -423,6 +423,46 @@ def test_killed_at_random_points_and_restarted_ends_like_an_uninterrupted_run(
   assert results["step"] == reference["step"] == STEPS
 
 
+def _checkpoint_steps(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*") if p.name.isdigit())
+
+
+def test_sigterm_during_start_up_is_one_sentence(synthetic_data_dir, tmp_path):
+  run = _start(tmp_path, synthetic_data_dir)
+  for line in run.stderr:          # start-up: config parsed, JAX up, datasets and model next
+    if line.startswith("devices:"):
+      break
+  run.send_signal(signal.SIGTERM)
+  _, err = run.communicate(timeout=120)
+  assert run.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert [l for l in err.splitlines() if l.strip()] == [
+      "stopped: SIGTERM received before training began or after its last checkpoint; rerun the "
+      "same command to start or resume the run"]
+  assert not _checkpoint_steps(tmp_path)
+
+
+def test_a_second_sigterm_during_the_checkpoint_write_lets_it_finish_and_stops_quietly(
+    synthetic_data_dir, tmp_path):
+  """The first SIGTERM as the step-4 checkpoint is written (the loop ends step 5 and saves it),
+  the second inside that save: the write completes (sealed), the process ends with one
+  sentence and no traceback, and the rerun resumes from step 5."""
+  command = _command(tmp_path, synthetic_data_dir)
+  command[1] = str(ROOT / "tests" / "faulty_main.py")
+  out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAXREID_SIGTERM_AT_SAVES": "2,3"})
+  assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and "Event loop" not in out.stderr, out.stderr[-3000:]
+  assert [l for l in out.stderr.splitlines() if "stopped" in l] == [
+      "stopped: SIGTERM received: stopped; rerun the same command to resume from the last "
+      "checkpoint"]
+  assert _checkpoint_steps(tmp_path)[-1] == 5
+  assert (tmp_path / "checkpoints" / "5" / "checksums.json").is_file()     # complete, sealed
+  rerun = subprocess.run(_command(tmp_path, synthetic_data_dir) + ["--config.train.stop_at_step=6"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "resumed from step 5" in (tmp_path / "train.log").read_text()
+
+
 def test_a_failed_checkpoint_write_is_one_sentence_and_keeps_the_earlier_ones(tmp_path):
   """A write that fails (a file-size limit stands in for a full disk) raises one sentence; the
   checkpoint before it still restores."""

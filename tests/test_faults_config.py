@@ -170,12 +170,12 @@ def test_a_disk_that_fills_up_is_one_sentence_and_the_rerun_completes(synthetic_
                                         ("results", 1)])
 def test_a_write_that_fails_is_one_sentence_and_cleanup_never_replaces_it(
     synthetic_data_dir, tmp_path, site, after):
-  """ENOSPC injected at each write site (tests/enospc_main.py); the results file is written
+  """ENOSPC injected at each write site (tests/faulty_main.py); the results file is written
   after the final evaluation, so that case runs the whole tiny epoch."""
   env = {**os.environ, "JAXREID_ENOSPC": site, "JAXREID_ENOSPC_AFTER": str(after)}
   stop = {} if site == "results" else {"train.stop_at_step": 8}
   overrides = {"dataset.data_dir": synthetic_data_dir, **TINY, **stop}
-  out = subprocess.run([sys.executable, str(ROOT / "tests" / "enospc_main.py"), "--config",
+  out = subprocess.run([sys.executable, str(ROOT / "tests" / "faulty_main.py"), "--config",
                         "configs/qaconv_gs.py", f"--workdir={tmp_path}",
                         "--compilation_cache=~/.cache/jaxreid/xla-tests",
                         *(f"--config.{k}={v}" for k, v in overrides.items())],
