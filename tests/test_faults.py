@@ -123,6 +123,45 @@ def test_a_second_run_on_a_workdir_in_use_stops_at_once(synthetic_data_dir, tmp_
   assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints").exists()
 
 
+_CONTENDER = """
+import fcntl, os, sys, time
+sys.path.insert(0, {root!r})
+from jaxreid.train import preflight
+flock = fcntl.flock
+def slow_flock(fd, op):   # a holder descheduled right after it took the lock
+  flock(fd, op)
+  time.sleep(1.5)
+fcntl.flock = slow_flock
+open(os.path.join({barrier!r}, f"ready.{{os.getpid()}}"), "w").close()
+while not os.path.exists(os.path.join({barrier!r}, "go")):
+  time.sleep(0.002)
+try:
+  with preflight.workdir_lock({workdir!r}):
+    print("holder", os.getpid())
+    time.sleep(2)
+except preflight.WorkdirBusy as e:
+  print("busy", e)
+"""
+
+
+def test_simultaneous_runs_on_one_workdir_all_name_the_holder(tmp_path):
+  """Eight processes try the lock at the same instant, the winner pausing just after taking
+  it (as a descheduled process does): every loser names the winner."""
+  barrier, workdir, count = tmp_path / "barrier", tmp_path / "run", 8
+  barrier.mkdir()
+  code = _CONTENDER.format(root=str(ROOT), barrier=str(barrier), workdir=str(workdir))
+  runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"}) for _ in range(count)]
+  _wait_for(lambda: len(list(barrier.glob("ready.*"))) == count, runs[0], "all contenders")
+  (barrier / "go").touch()
+  outputs = [r.communicate(timeout=120)[0].strip() for r in runs]
+  holders = [o.split()[1] for o in outputs if o.startswith("holder")]
+  assert len(holders) == 1, outputs
+  named = f"(pid {holders[0]} on host {socket.gethostname()})"
+  assert all(named in o for o in outputs if o.startswith("busy")), outputs
+  assert sum(o.startswith("busy") for o in outputs) == count - 1, outputs
+
+
 def _stopped_run(data_dir, workdir, step: int) -> None:
   """The tiny run of the reference, checkpointed every 2 steps and stopped at `step`."""
   config = tiny(qaconv_gs.get_config(), data_dir, epochs=1)
