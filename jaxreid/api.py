@@ -218,10 +218,17 @@ class ReidModel:
     return np.concatenate([np.asarray(maps)[:valid] for maps, valid in outputs])
 
   def _check_maps(self, maps, name: str) -> np.ndarray:
+    """`maps` as an array, or one sentence when they are not this model's features (another
+    shape, channels included) or hold NaN or infinite values."""
     maps = np.asarray(maps)
-    if maps.ndim != 1 + len(self.feature_shape) or maps.shape[1:-1] != self.feature_shape[:-1]:
-      raise ValueError(f"{name} must be features [N, {', '.join(map(str, self.feature_shape))}] "
-                       f"from encode(); got shape {maps.shape}.")
+    if maps.shape[1:] != self.feature_shape:
+      raise ValueError(f"{name} must be this model's features [N, "
+                       f"{', '.join(map(str, self.feature_shape))}] from encode(); got shape "
+                       f"{maps.shape}.")
+    finite = np.isfinite(maps if maps.dtype.kind == "f" else maps.astype(np.float32))
+    if not finite.all():
+      raise ValueError(f"{name} hold {finite.size - int(finite.sum())} NaN or infinite values; "
+                       "pass the finite features encode() gives.")
     return maps
 
   def match(self, probe_maps, gallery_maps, *, tile_p: int | None = None,

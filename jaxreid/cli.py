@@ -203,6 +203,8 @@ def main(argv):
   from jaxreid import registry
   method = registry.method_of(config)
   if FLAGS.mode == "train":
+    from jaxreid.train import loop
+    loop.STOP_AT_ONCE = _exit_at_once    # a second signal ends the process at once
     results = method.train_and_evaluate(config, workdir)
   elif method.evaluate is not None:      # a method with its own evaluation (NFormer's stages)
     results = method.evaluate(config, FLAGS.checkpoint or workdir, workdir)
@@ -225,27 +227,53 @@ def _drop_closed_event_loop_reports() -> None:
   sys.unraisablehook = lambda u: None if closed_loop(u.exc_value) else unraisablehook(u)
 
 
+def _exit(status: int) -> None:
+  """Ends the process without the interpreter's shutdown: TensorBoard's atexit flush, its
+  writer thread and abandoned checkpoint tasks would each fail again (on a full disk, a closed
+  event loop) with a traceback apiece after the sentence that says what happened, or keep a
+  stopped run waiting."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  import logging as std_logging
+  std_logging.shutdown()
+  os._exit(status)
+
+
+def _exit_at_once(signum: int, message: str) -> None:
+  """`stopped: message` and exit status 128 + signum at once; safe inside a signal handler
+  (os.write, no buffered stream a signal may have interrupted)."""
+  os.write(2, f"\nstopped: {message}\n".encode())
+  os._exit(128 + signum)
+
+
+def _stop_outside_training(signum, frame) -> None:
+  """SIGTERM/SIGINT where no training loop handles it (start-up: config, datasets,
+  compilation; the modes other than train): one sentence, the conventional exit status."""
+  del frame
+  import signal
+  name = signal.Signals(signum).name
+  mode = FLAGS.mode if FLAGS.is_parsed() else "train"
+  _exit_at_once(signum, f"{name} received before training began or after its last checkpoint; "
+                "rerun the same command to start or resume the run" if mode == "train" else
+                f"{name} received before --mode={mode} finished; rerun the same command")
+
+
 def run():
+  import signal
   flags.mark_flag_as_required("config")
   _drop_closed_event_loop_reports()
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, _stop_outside_training)
   try:
     app.run(main, flags_parser=parse_flags)
   except (ValueError, OSError, KeyError) as e:  # one clear sentence, no traceback
     print(f"error: {e}", file=sys.stderr)
     if "No space left on device" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
-      # Exit without the interpreter's shutdown: TensorBoard's atexit flush, its writer thread
-      # and the abandoned checkpoint tasks would each fail again on the full disk, with a
-      # traceback apiece, after the sentence that says what happened.
-      sys.stdout.flush()
-      sys.stderr.flush()
-      import logging as std_logging
-      std_logging.shutdown()
-      os._exit(2)
+      _exit(2)
     sys.exit(2)
-  except KeyboardInterrupt as e:   # SIGINT/SIGTERM: the training loop saved what it had
-    import signal
+  except KeyboardInterrupt as e:   # the training loop stopped at a signal, its checkpoint saved
     print(f"stopped: {e or 'interrupted'}", file=sys.stderr)
-    sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+    _exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -275,8 +275,13 @@ def encode_files(model, paths):
 
 
 def _writable(path: str) -> None:
+  """Creates folder `path` and writes a file there, before any work (a folder that exists but
+  is read-only used to fail only after the model was loaded)."""
+  import tempfile
   try:
     os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
   except OSError as e:
     raise ValueError(f"cannot write to {path} ({e.strerror}); pass a folder you can write to.") \
         from e

@@ -104,6 +104,30 @@ def test_wrong_image_size(synthetic_data_dir, tmp_path):
     loaded.encode(nan_images)
 
 
+def test_match_refuses_maps_that_are_not_this_models_features():
+  import jax
+  from configs import qaconv_gs
+  from jaxreid.api import ReidModel
+  from jaxreid.models import init_variables
+  from jaxreid.registry import build_model
+  config = qaconv_gs.get_config()
+  config.model.update(depth=18, width=8, neck=16)
+  config.data.update(height=64, width=32)
+  model = ReidModel(config, init_variables(build_model(config), jax.random.key(0), 64, 32))
+  maps = model.encode(np.random.default_rng(0).integers(0, 256, (2, 64, 32, 3), np.uint8))
+  assert maps.shape == (2, 4, 2, 16) and np.isfinite(model.match(maps, maps)).all()
+  shape = r"must be this model's features \[N, 4, 2, 16\] from encode\(\); got shape"
+  with pytest.raises(ValueError, match=rf"probe_maps {shape} \(2, 4, 2, 8\)\."):
+    model.match(maps[..., :8], maps[..., :8])          # half the channels on both sides
+  with pytest.raises(ValueError, match=rf"gallery_maps {shape} \(2, 4, 2, 8\)\."):
+    model.match(maps, maps[..., :8])
+  broken = maps.copy()
+  broken[0, 1, 1, 3], broken[1, 0, 0, 0] = np.nan, np.inf
+  with pytest.raises(ValueError, match=r"^gallery_maps hold 2 NaN or infinite values; pass the "
+                                       r"finite features encode\(\) gives\.$"):
+    model.match(maps, broken)
+
+
 def test_post_processing_rejects_what_has_no_meaning():
   """NaN scores have no rank; TLift lifts similarities in [0, 1]; λ lies in [0, 1]."""
   rng = np.random.default_rng(0)

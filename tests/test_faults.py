@@ -30,8 +30,9 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(synthetic_data_d
   config = tiny(qaconv_gs.get_config(), synthetic_data_dir, epochs=1, lr=1e30,
                 clip_norm=0.0)
   config.train.update(log_every_steps=1, checkpoint_every_steps=1)
-  with pytest.raises(TrainingDiverged, match=r"training diverged at step 1: param_norm (nan|inf);"
-                                             r".*lower train.lr or set train.clip_norm"):
+  with pytest.raises(TrainingDiverged, match=r"training diverged at step 1: param_norm (nan|inf); "
+                                             r"nothing was saved \(no checkpoint before it\); "
+                                             r"lower train.lr or set train.clip_norm"):
     train_and_evaluate(config, tmp_path)
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))   # nothing broken was saved
   assert not (tmp_path / "results.json").exists()
@@ -45,7 +46,8 @@ def test_a_run_that_diverges_later_keeps_its_good_checkpoints(synthetic_data_dir
   config = tiny(qaconv_gs.get_config(), synthetic_data_dir, epochs=1, lr=1e30,
                 clip_norm=0.0)
   config.train.update(log_every_steps=1, checkpoint_every_steps=2)
-  with pytest.raises(TrainingDiverged, match="training diverged at step 3: param_norm"):
+  with pytest.raises(TrainingDiverged, match=r"training diverged at step 3: param_norm (nan|inf); "
+                                             r"the last checkpoint before it is kept"):
     train_and_evaluate(config, tmp_path)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").glob("[0-9]*"))
   assert steps == [2]
@@ -121,6 +123,45 @@ def test_a_second_run_on_a_workdir_in_use_stops_at_once(synthetic_data_dir, tmp_
                              rf"host {socket.gethostname()}\); wait for it to end or pass another"):
       train_and_evaluate(config, tmp_path)
   assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints").exists()
+
+
+_CONTENDER = """
+import fcntl, os, sys, time
+sys.path.insert(0, {root!r})
+from jaxreid.train import preflight
+flock = fcntl.flock
+def slow_flock(fd, op):   # a holder descheduled right after it took the lock
+  flock(fd, op)
+  time.sleep(1.5)
+fcntl.flock = slow_flock
+open(os.path.join({barrier!r}, f"ready.{{os.getpid()}}"), "w").close()
+while not os.path.exists(os.path.join({barrier!r}, "go")):
+  time.sleep(0.002)
+try:
+  with preflight.workdir_lock({workdir!r}):
+    print("holder", os.getpid())
+    time.sleep(2)
+except preflight.WorkdirBusy as e:
+  print("busy", e)
+"""
+
+
+def test_simultaneous_runs_on_one_workdir_all_name_the_holder(tmp_path):
+  """Eight processes try the lock at the same instant, the winner pausing just after taking
+  it (as a descheduled process does): every loser names the winner."""
+  barrier, workdir, count = tmp_path / "barrier", tmp_path / "run", 8
+  barrier.mkdir()
+  code = _CONTENDER.format(root=str(ROOT), barrier=str(barrier), workdir=str(workdir))
+  runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"}) for _ in range(count)]
+  _wait_for(lambda: len(list(barrier.glob("ready.*"))) == count, runs[0], "all contenders")
+  (barrier / "go").touch()
+  outputs = [r.communicate(timeout=120)[0].strip() for r in runs]
+  holders = [o.split()[1] for o in outputs if o.startswith("holder")]
+  assert len(holders) == 1, outputs
+  named = f"(pid {holders[0]} on host {socket.gethostname()})"
+  assert all(named in o for o in outputs if o.startswith("busy")), outputs
+  assert sum(o.startswith("busy") for o in outputs) == count - 1, outputs
 
 
 def _stopped_run(data_dir, workdir, step: int) -> None:
@@ -421,6 +462,46 @@ def test_killed_at_random_points_and_restarted_ends_like_an_uninterrupted_run(
   results = json.loads((workdir / "results.json").read_text())
   assert _metrics(results) == _metrics(reference), note
   assert results["step"] == reference["step"] == STEPS
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*") if p.name.isdigit())
+
+
+def test_sigterm_during_start_up_is_one_sentence(synthetic_data_dir, tmp_path):
+  run = _start(tmp_path, synthetic_data_dir)
+  for line in run.stderr:          # start-up: config parsed, JAX up, datasets and model next
+    if line.startswith("devices:"):
+      break
+  run.send_signal(signal.SIGTERM)
+  _, err = run.communicate(timeout=120)
+  assert run.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert [l for l in err.splitlines() if l.strip()] == [
+      "stopped: SIGTERM received before training began or after its last checkpoint; rerun the "
+      "same command to start or resume the run"]
+  assert not _checkpoint_steps(tmp_path)
+
+
+def test_a_second_sigterm_during_the_checkpoint_write_lets_it_finish_and_stops_quietly(
+    synthetic_data_dir, tmp_path):
+  """The first SIGTERM as the step-4 checkpoint is written (the loop ends step 5 and saves it),
+  the second inside that save: the write completes (sealed), the process ends with one
+  sentence and no traceback, and the rerun resumes from step 5."""
+  command = _command(tmp_path, synthetic_data_dir)
+  command[1] = str(ROOT / "tests" / "faulty_main.py")
+  out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAXREID_SIGTERM_AT_SAVES": "2,3"})
+  assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and "Event loop" not in out.stderr, out.stderr[-3000:]
+  assert [l for l in out.stderr.splitlines() if "stopped" in l] == [
+      "stopped: SIGTERM received: stopped; rerun the same command to resume from the last "
+      "checkpoint"]
+  assert _checkpoint_steps(tmp_path)[-1] == 5
+  assert (tmp_path / "checkpoints" / "5" / "checksums.json").is_file()     # complete, sealed
+  rerun = subprocess.run(_command(tmp_path, synthetic_data_dir) + ["--config.train.stop_at_step=6"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "resumed from step 5" in (tmp_path / "train.log").read_text()
 
 
 def test_a_failed_checkpoint_write_is_one_sentence_and_keeps_the_earlier_ones(tmp_path):

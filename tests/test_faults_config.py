@@ -170,16 +170,33 @@ def test_a_disk_that_fills_up_is_one_sentence_and_the_rerun_completes(synthetic_
     subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+def test_export_into_a_read_only_folder_stops_before_loading_the_model(tmp_path):
+  """A read-only filesystem (root writes into any chmod-ed folder); the checkpoint named does
+  not exist, so the sentence shows which check came first."""
+  folder = tmp_path / "read_only"
+  folder.mkdir()
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)], check=True)
+  try:
+    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", "qaconv_gs",
+                          "--mode=export", f"--workdir={tmp_path / 'run'}",
+                          f"--checkpoint={tmp_path / 'no_such_run'}", f"--output={folder}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+  finally:
+    subprocess.run(["umount", str(folder)], capture_output=True)
+  assert _one_sentence(out) == (f"error: cannot write to {folder} (Read-only file system); pass "
+                                "a folder you can write to.")
+
+
 @pytest.mark.parametrize("site,after", [("tensorboard", 3), ("log", 3), ("checkpoint", 2),
                                         ("results", 1)])
 def test_a_write_that_fails_is_one_sentence_and_cleanup_never_replaces_it(
     synthetic_data_dir, tmp_path, site, after):
-  """ENOSPC injected at each write site (tests/enospc_main.py); the results file is written
+  """ENOSPC injected at each write site (tests/faulty_main.py); the results file is written
   after the final evaluation, so that case runs the whole tiny epoch."""
   env = {**os.environ, "JAXREID_ENOSPC": site, "JAXREID_ENOSPC_AFTER": str(after)}
   stop = {} if site == "results" else {"train.stop_at_step": 8}
   overrides = {"dataset.data_dir": synthetic_data_dir, **TINY, **stop}
-  out = subprocess.run([sys.executable, str(ROOT / "tests" / "enospc_main.py"), "--config",
+  out = subprocess.run([sys.executable, str(ROOT / "tests" / "faulty_main.py"), "--config",
                         "configs/qaconv_gs.py", f"--workdir={tmp_path}",
                         "--compilation_cache=~/.cache/jaxreid/xla-tests",
                         *(f"--config.{k}={v}" for k, v in overrides.items())],

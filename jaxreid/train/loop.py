@@ -6,6 +6,7 @@ same batches) and the host batches it gives; it logs, checkpoints, resumes, hono
 `stop_at_step`, and calls the task's evaluation. `train_and_evaluate` builds the task of an
 image model trained by one of its method's objectives; NFormer's stage 2 builds its own.
 """
+import contextlib
 import json
 import logging
 import signal
@@ -235,10 +236,12 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
           log.info("%sstep %d/%d epoch %d: %s", prefix, step, total, epoch + 1,
                    " ".join(f"{k}={v:.4f}" for k, v in m.items()))
         if save_now or stop_now or signalled:
-          data_state = data_state_of(epoch, b + 1, plan)
-          ckpt.save(state, data_state, task.config, force=stop_now or signalled)
+          with signals.held():
+            ckpt.save(state, data_state_of(epoch, b + 1, plan), task.config,
+                      force=stop_now or signalled)
+            if signalled:
+              ckpt.wait()
         if signalled:
-          ckpt.wait()
           log.info("%s%s at step %d; checkpoint saved", prefix, signals.name, step)
           raise TrainingInterrupted(signals.received, f"{prefix}{signals.name} received: stopped "
                                     f"at step {step} with a checkpoint; rerun the same command "
@@ -259,7 +262,9 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
           log.info("%sepoch %d: mean loss %.4f; %s", prefix, epoch + 1, mean_loss,
                    task.schedule.describe())
       start_batch, plan, loss_sum, loss_count = 0, None, 0.0, 0
-      ckpt.save(state, data_state_of(epoch + 1, 0, np.full((1, 1), -1)), task.config, force=True)
+      with signals.held():
+        ckpt.save(state, data_state_of(epoch + 1, 0, np.full((1, 1), -1)), task.config,
+                  force=True)
       signals.defer(False)     # raises now for a signal received since the last step
       every = task.eval_every_epochs
       if task.evaluate is not None and (epoch + 1 == last_epoch
@@ -268,10 +273,15 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
         for name, r in results["test"].items():
           for k in ("mAP", "R1"):
             writer.add_scalar(f"{tag}eval/{name}/{k}", r[k], int(state.step))
-        ckpt.save_best(state, task.config, next(iter(results["test"].values())))
+        with signals.held():
+          ckpt.save_best(state, task.config, next(iter(results["test"].values())))
         log.info("%sepoch %d eval: %s", prefix, epoch + 1, json.dumps(results["test"]))
   finally:
-    clean_up(signals.uninstall, ckpt.wait, ckpt.close)
+    try:
+      with signals.held():
+        clean_up(ckpt.wait, ckpt.close)
+    finally:
+      signals.uninstall()
   return results, state
 
 
@@ -302,16 +312,26 @@ class TrainingInterrupted(KeyboardInterrupt):
     self.signum = signum
 
 
+# What a stop at once does instead of raising TrainingInterrupted, (signum, message) → None: the
+# command line ends the process there (no cleanup to wait for, nothing for a raise landing in a
+# finalizer to lose).
+STOP_AT_ONCE: Callable[[int, str], None] | None = None
+
+
 class SignalGuard:
-  """SIGTERM and SIGINT during `run`: while deferred (the step loop up to the epoch's
-  checkpoint), the current step ends and `run` saves a checkpoint and raises
-  TrainingInterrupted; elsewhere (the epoch's plan, evaluation) it raises at once, as does a
-  second signal. Only in the main thread (Python delivers signals there)."""
+  """SIGTERM and SIGINT during `run`. While deferred (the step loop up to the epoch's
+  checkpoint), a first signal only sets `received`: the current step ends, and `run` saves a
+  checkpoint and raises TrainingInterrupted. Elsewhere (the epoch's plan, evaluation), and for
+  a second signal, the run stops at once, except inside a checkpoint write (`held`), which a
+  signal never cuts short: the stop comes when the write is done. Stopping at once raises
+  TrainingInterrupted, or calls STOP_AT_ONCE(signum, message) when set. Only in the main
+  thread (Python delivers signals there)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.received, self._previous, self._deferring = None, {}, False
+    self.received, self._previous = None, {}
+    self._deferring = self._holding = self._pending = False
 
   @property
   def name(self) -> str:
@@ -335,15 +355,36 @@ class SignalGuard:
       raise TrainingInterrupted(self.received, f"{self.name} received: stopped after the "
                                 "epoch's checkpoint; rerun the same command to resume")
 
+  @contextlib.contextmanager
+  def held(self):
+    """A section no signal interrupts (a checkpoint write): a stop asked for meanwhile comes
+    at its end."""
+    self._holding = True
+    try:
+      yield
+    finally:
+      self._holding = False
+    if self._pending:
+      self._stop()
+
   def _handle(self, signum, frame):
     del frame
     first = self.received is None
     self.received = signum
     if first and self._deferring:
       return
+    if self._holding:
+      self._pending = True
+      return
+    self._stop()
+
+  def _stop(self):
+    message = (f"{self.name} received: stopped; rerun the same command to resume from the last "
+               "checkpoint")
+    if STOP_AT_ONCE is not None:
+      STOP_AT_ONCE(self.received, message)
     self.uninstall()
-    raise TrainingInterrupted(signum, f"{self.name} received: stopped; rerun the same command "
-                              "to resume from the last checkpoint")
+    raise TrainingInterrupted(self.received, message)
 
 
 class TrainingDiverged(ValueError):

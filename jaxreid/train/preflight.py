@@ -39,20 +39,38 @@ def workdir_lock(workdir):
     except OSError as e:
       if e.errno not in (errno.EAGAIN, errno.EACCES):
         raise
-      holder = ""
-      for _ in range(50):   # the holder writes its name just after taking the lock
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        if holder:
-          break
-        time.sleep(0.01)
-      holder = holder or "unknown"
-      raise WorkdirBusy(f"workdir {workdir} is in use by another run ({holder}); wait for it to "
-                        "end or pass another --workdir.") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
+      raise WorkdirBusy(f"workdir {workdir} is in use by another run ({_lock_holder(fd)}); wait "
+                        "for it to end or pass another --workdir.") from None
+    name = f"pid {os.getpid()} on host {socket.gethostname()}".encode()
+    os.pwrite(fd, name, 0)     # for runs on other hosts (a shared filesystem): no empty moment
+    os.ftruncate(fd, len(name))
     yield
   finally:
     os.close(fd)      # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+  """Who holds the flock on `fd`'s file. On this host the kernel says, from the moment the
+  lock is taken (/proc/locks: the holder's pid), so a holder that has not yet run another
+  instruction is named too; otherwise (another host on a shared filesystem, no /proc) the name
+  the holder wrote into the file."""
+  inode = os.fstat(fd).st_ino
+  try:
+    with open("/proc/locks") as f:
+      for line in f:   # "1: FLOCK  ADVISORY  WRITE 8483 fe:00:2146415 0 EOF" ("->": waiting)
+        fields = line.split()
+        if (len(fields) > 5 and fields[1] == "FLOCK" and fields[3] == "WRITE"
+            and fields[5].rsplit(":", 1)[-1] == str(inode) and fields[4] != "0"):
+          return f"pid {fields[4]} on host {socket.gethostname()}"
+  except OSError:
+    pass
+  holder = ""
+  for _ in range(100):   # a holder on another host writes its name just after taking the lock
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    if holder:
+      break
+    time.sleep(0.01)
+  return holder or "unknown"
 
 
 def _integer(name: str, value, minimum: int = 1) -> None:

@@ -1,8 +1,11 @@
-"""`python main.py` with "No space left on device" injected at one write site, for
-tests/test_faults_config.py: JAXREID_ENOSPC = checkpoint | results | tensorboard | log, from the
-JAXREID_ENOSPC_AFTER-th write of that kind on (default 2)."""
+"""`python main.py` with a fault injected, for tests/test_faults*.py:
+"No space left on device" at one write site: JAXREID_ENOSPC = checkpoint | results |
+tensorboard | log, from the JAXREID_ENOSPC_AFTER-th write of that kind on (default 2);
+SIGTERM sent to itself as the n-th checkpoint save begins, for each n of JAXREID_SIGTERM_AT_SAVES
+(e.g. "2,3": the first signal at the second save, the second inside the save that follows)."""
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -45,7 +48,23 @@ def install(site: str, after: int) -> None:
     raise ValueError(f"unknown JAXREID_ENOSPC site {site!r}")
 
 
+def signal_at_saves(saves: set[int]) -> None:
+  import orbax.checkpoint as ocp
+  original, calls = ocp.CheckpointManager.save, [0]
+
+  def save(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] in saves:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  ocp.CheckpointManager.save = save
+
+
 if __name__ == "__main__":
-  install(os.environ["JAXREID_ENOSPC"], int(os.environ.get("JAXREID_ENOSPC_AFTER", "2")))
+  if "JAXREID_ENOSPC" in os.environ:
+    install(os.environ["JAXREID_ENOSPC"], int(os.environ.get("JAXREID_ENOSPC_AFTER", "2")))
+  if "JAXREID_SIGTERM_AT_SAVES" in os.environ:
+    signal_at_saves({int(n) for n in os.environ["JAXREID_SIGTERM_AT_SAVES"].split(",")})
   from jaxreid.cli import run
   run()
