@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from jaxreid import parallel
 from jaxreid.train import loop
@@ -109,3 +110,34 @@ def test_bias_groups_and_the_loss_driven_scale():
   assert set(rates) == {"backbone", "new", "backbone_bias", "new_bias"}
   np.testing.assert_allclose([rates["backbone"], rates["new"], rates["backbone_bias"],
                               rates["new_bias"]], [0.5 * lr, lr, lr, 2 * lr], rtol=1e-6)
+
+
+def test_a_run_of_the_command_line_logs_each_groups_lr(synthetic_data_dir, tmp_path):
+  """The wiring of train_and_evaluate: a tiny QAConv-GS run stopped after 3 steps has
+  train/lr/backbone and train/lr/new at every logged step, as its schedule gives them."""
+  import subprocess
+  import sys
+  from pathlib import Path
+  from configs import qaconv_gs
+  root = Path(__file__).resolve().parents[1]
+  tiny = {"model.depth": 18, "model.width": 8, "model.neck": 32, "data.batch_size": 16,
+          "data.num_instances": 4, "data.num_threads": 1, "train.epochs": 2,
+          "train.log_every_steps": 1, "train.stop_at_step": 3,
+          "dataset.data_dir": synthetic_data_dir}
+  out = subprocess.run([sys.executable, "main.py", "--config", "qaconv_gs",
+                        f"--workdir={tmp_path}", "--compilation_cache=~/.cache/jaxreid/xla-tests",
+                        *(f"--config.{k}={v}" for k, v in tiny.items())],
+                       cwd=root, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "training stopped before its evaluation" in out.stdout
+  assert str(tmp_path / "tensorboard") in out.stdout
+  logged = scalars(tmp_path / "tensorboard")
+  t = qaconv_gs.get_config().train
+  assert sorted(logged["train/lr/new"]) == [1, 2, 3]
+  for step in (1, 2, 3):
+    # steps_per_epoch only matters past the first epoch's end: any value ≥ 3 gives these.
+    want = learning_rates(t, 1000, step - 1)
+    np.testing.assert_allclose(logged["train/lr/new"][step], want["new"], rtol=1e-6)
+    np.testing.assert_allclose(logged["train/lr/backbone"][step], want["backbone"], rtol=1e-6)
+  assert logged["train/lr/backbone"][1] == pytest.approx(
+      t.backbone_lr_mult * logged["train/lr/new"][1], rel=1e-6)
