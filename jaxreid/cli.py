@@ -278,7 +278,7 @@ def print_summary(results: dict, workdir: str) -> None:
     print()
   else:
     print("no results: training stopped before its evaluation (rerun to resume)")
-  print(report.run_files(workdir))
+  print(report.run_files(workdir, results.get("checkpoint")))
 
 
 def _drop_closed_event_loop_reports() -> None:

@@ -46,9 +46,10 @@ def results_table(results: dict) -> str:
   return "\n\n".join(blocks)
 
 
-def run_files(workdir: str) -> str:
+def run_files(workdir: str, checkpoint: str | None = None) -> str:
   """Lines naming the run's results, checkpoints, TensorBoard log and pictures that exist in
-  `workdir` (the pictures with how to draw them when there are none yet)."""
+  `workdir` (the pictures with how to draw them when there are none yet), after the evaluated
+  `checkpoint` when it is given (--mode=eval of another folder or file)."""
   where = [("results", "results.json"), ("retrieval lists", "retrieval.npz"),
            ("best checkpoint", "best"), ("last checkpoints", "checkpoints"),
            ("NFormer stage 2", os.path.join("nformer", "best")),
@@ -57,6 +58,8 @@ def run_files(workdir: str) -> str:
   found = [(what, os.path.join(workdir, path)) for what, path in where
            if os.path.exists(os.path.join(workdir, path))]
   lines = [f"{what + ':':<18}{path}" for what, path in found]
+  if checkpoint is not None:
+    lines.insert(0, f"{'evaluated:':<18}{checkpoint}")
   if any(what == "TensorBoard" for what, _ in found):
     lines.append(f"{'':<18}(tensorboard --logdir {os.path.join(workdir, 'tensorboard')})")
   if not os.path.exists(os.path.join(workdir, "visualize")):

@@ -69,3 +69,4 @@ def test_run_files_names_what_exists(tmp_path):
   (tmp_path / "visualize").mkdir()
   (tmp_path / "visualize" / "index.html").write_text("")
   assert str(tmp_path / "visualize" / "index.html") in report.run_files(str(tmp_path))
+  assert report.run_files(str(tmp_path), "runs/a").splitlines()[0] == "evaluated:        runs/a"
