@@ -289,3 +289,17 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: str | None = None) -> 
   if workdir is not None:
     write_results(workdir, results)
   return results
+
+
+def convert(method_or_config, checkpoint, out_dir, *, input_size=None) -> dict:
+  """`checkpoint` (an official .pth/.pth.tar/.safetensors file, or any checkpoint `load`
+  reads) → a jaxreid checkpoint folder `out_dir` (out_dir/best/0: variables and config) that
+  `load` and --mode=eval read without torch. Returns {"path", "method", "input_size"}."""
+  from jaxreid.checkpoint import save_for_eval
+  model = load(method_or_config, checkpoint, input_size=input_size)
+  if not isinstance(model, ReidModel):
+    raise ValueError(f"{checkpoint} loads as a {type(model).__name__}, which --mode=convert "
+                     "cannot write; convert the image model's checkpoint instead.")
+  path = save_for_eval(out_dir, model.config, model.variables)
+  return {"path": str(path), "method": model.config.model.name,
+          "input_size": list(model.input_size)}

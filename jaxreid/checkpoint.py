@@ -210,6 +210,28 @@ def _save_args(state, data_state, config):
       config=ocp.args.JsonSave(config.to_dict()))
 
 
+def save_for_eval(workdir, config, variables, step: int = 0) -> Path:
+  """`workdir/best/<step>` holding only `variables` and `config`, as a run's best checkpoint
+  holds them (no mAP: it was not measured): what `restore_for_eval`, `jaxreid.load` and
+  --mode=eval read. Refuses a folder that already holds a checkpoint. Returns the step folder."""
+  directory = Path(workdir).absolute() / BEST
+  if _steps(directory):
+    raise ValueError(f"{directory} already holds a checkpoint; pass an empty --output folder.")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
+                                  item_handlers={"variables": ocp.StandardCheckpointHandler(),
+                                                 "config": ocp.JsonCheckpointHandler()})
+  try:
+    with _writing(directory):
+      manager.save(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardSave(jax.tree.map(np.asarray, variables)),
+          config=ocp.args.JsonSave(config.to_dict())))
+      manager.wait_until_finished()
+      _seal(directory)
+  finally:
+    manager.close()
+  return directory / str(step)
+
+
 def has_checkpoint(workdir) -> bool:
   """Whether `workdir` holds a checkpoint a run resumes from."""
   return bool(_steps(Path(workdir) / LAST))

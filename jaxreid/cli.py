@@ -27,17 +27,23 @@ config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, TensorBoard and results "
                     "(default: workdirs/<config name>).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "build", "visualize", "extract", "rank",
-                                    "export", "describe"],
-                  "train (resumes and then evaluates), eval (restores parameters only), "
-                  "build (prepares the configured datasets), visualize (draws the local "
-                  "matches of a few queries with their top-ranked gallery image, and their rank "
-                  "lists), extract (features of --images), rank (ranks --gallery for --query), "
-                  "export (encode and match as StableHLO for serving) or describe (prints the "
-                  "config with its comments and settings).")
-flags.DEFINE_string("checkpoint", None, "For --mode=eval|visualize|extract|rank|export: a "
-                    "workdir, checkpoint directory or official .pth/.safetensors file (default: "
-                    "--workdir).")
+MODES = {
+    "train": "trains (resuming the workdir's last checkpoint), then evaluates",
+    "eval": "evaluates --checkpoint (default: the workdir's best checkpoint)",
+    "build": "prepares the configured datasets",
+    "visualize": "draws the local matches of a few queries with their top-ranked gallery "
+                 "image, and their rank lists",
+    "extract": "writes the features of --images",
+    "rank": "ranks --gallery for each --query image",
+    "export": "writes encode and match as StableHLO for serving",
+    "convert": "turns --checkpoint (an official .pth or any loadable model) into a jaxreid "
+               "checkpoint folder --output that loads without torch",
+    "describe": "prints the config with its comments and settings",
+}
+flags.DEFINE_enum("mode", "train", list(MODES), "What to do (--help describes each mode).")
+flags.DEFINE_string("checkpoint", None, "For --mode=eval|visualize|extract|rank|export|convert: "
+                    "a workdir, checkpoint directory or official .pth/.safetensors file "
+                    "(default: --workdir).")
 flags.DEFINE_integer("num_pairs", 4, "For --mode=visualize: queries drawn (evenly spaced over "
                      "the first test set's query split), each with its top-ranked gallery image.")
 flags.DEFINE_integer("num_matches", 24, "For --mode=visualize: strongest matches drawn per pair "
@@ -54,11 +60,43 @@ flags.DEFINE_string("query", None, "For --mode=rank: the query images (a folder 
 flags.DEFINE_string("gallery", None, "For --mode=rank: the gallery images (a folder or a list "
                     "file, as --images).")
 flags.DEFINE_string("output", None, "For --mode=extract: the .npz to write (default "
-                    "workdir/features.npz); for --mode=rank|export: the folder to write "
-                    "(default workdir/rank, workdir/export).")
+                    "workdir/features.npz); for --mode=rank|export|convert: the folder to "
+                    "write (default workdir/rank, workdir/export, workdir/converted).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 flags.DEFINE_string("compilation_cache", "~/.cache/jaxreid/xla", "Persistent XLA cache "
                     "directory ('' to disable).")
+
+
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
+EXAMPLES = (
+    ("jaxreid --config qaconv_gs", "train on the synthetic data set, then evaluate"),
+    ("jaxreid --config qaconv --checkpoint qaconv.pth.tar --mode=eval",
+     "evaluate the authors' released weights (docs/weights.md)"),
+)
+
+
+def help_text() -> str:
+  """`jaxreid --help`: usage, the modes, two examples and every flag of this module with its
+  help (absl's own --help lists only the flags of the __main__ module: none)."""
+  import textwrap
+  wrap = lambda text, indent: textwrap.fill(text, 79, initial_indent=indent,
+                                            subsequent_indent=" " * len(indent))
+  width = max(len(m) for m in MODES)
+  lines = ["usage: jaxreid --config CONFIG[:SETTING] [--mode=MODE] [--workdir=DIR]",
+           "               [--config.FIELD=VALUE ...] [flags]",
+           "       (python main.py takes the same arguments)", "",
+           wrap("CONFIG: a config file, or the name of one shipped with jaxreid ("
+                + ", ".join(_shipped_configs()) + "). --config.FIELD=VALUE overrides a field; "
+                "--mode=describe lists the fields.", ""), "", "modes (--mode):"]
+  lines += [wrap(what, f"  {m:<{width}}  ") for m, what in MODES.items()]
+  lines += ["", "examples:"] + [f"  {command}\n      {what}" for command, what in EXAMPLES]
+  lines += ["", "flags:" + FLAGS.module_help(sys.modules[__name__]).split(":", 1)[1]]
+  return "\n".join(lines) + "\n"
+
+
+def _shipped_configs() -> list[str]:
+  from jaxreid.api import method_names
+  return method_names()
 
 
 def _config_argument(argv) -> tuple[int, str] | tuple[None, None]:
@@ -195,6 +233,9 @@ def main(argv):
     print(os.path.join(out_dir, "ranking.csv"))
     print(os.path.join(out_dir, "index.html"))
     return
+  if FLAGS.mode == "convert":
+    convert_checkpoint(config, workdir)
+    return
   if FLAGS.mode == "export":
     out_dir = FLAGS.output or os.path.join(workdir, "export")
     meta = tools.export_for_serving(config, checkpoint, out_dir)
@@ -211,7 +252,38 @@ def main(argv):
   else:
     from jaxreid.api import evaluate_checkpoint
     results = evaluate_checkpoint(config, FLAGS.checkpoint or workdir, workdir)
-  print(json.dumps(results.get("test", results), indent=2))
+  print_summary(results, workdir)
+
+
+def convert_checkpoint(config, workdir: str) -> None:
+  """--mode=convert: --checkpoint (an official file or any loadable model) → a jaxreid
+  checkpoint folder --output (default workdir/converted) that loads without torch; an official
+  file at its authors' input size unless --config.data.height/width are given."""
+  from jaxreid.api import convert
+  if not FLAGS.checkpoint:
+    raise ValueError("--mode=convert needs --checkpoint: the official .pth/.pth.tar/.safetensors "
+                     "file (or a run) to convert.")
+  out_dir = FLAGS.output or os.path.join(workdir, "converted")
+  # An official file is converted at the size its authors trained at (jaxreid.load's default,
+  # e.g. 384×128 for QAConv), not at a synthetic config's 64×32, unless the size is given.
+  overrides = config_flags.get_override_values(FLAGS["config"])
+  given = any(k in overrides for k in ("data.height", "data.width"))
+  written = convert(config, FLAGS.checkpoint, out_dir,
+                    input_size=(config.data.height, config.data.width) if given else None)
+  print(f"{out_dir}: {written['method']} at {written['input_size'][0]}×"
+        f"{written['input_size'][1]}; evaluate it with --mode=eval --checkpoint {out_dir} or "
+        f"load it with jaxreid.load('{written['method']}', '{out_dir}')")
+
+
+def print_summary(results: dict, workdir: str) -> None:
+  """The end of a train/eval run: the metrics table per test set and where the files are."""
+  from jaxreid import report
+  if results.get("test"):
+    print(report.results_table(results))
+    print()
+  else:
+    print("no results: training stopped before its evaluation (rerun to resume)")
+  print(report.run_files(workdir, results.get("checkpoint")))
 
 
 def _drop_closed_event_loop_reports() -> None:
@@ -259,6 +331,9 @@ def _stop_outside_training(signum, frame) -> None:
 
 
 def run():
+  if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+    print(help_text(), end="")
+    sys.exit(0)
   import signal
   flags.mark_flag_as_required("config")
   _drop_closed_event_loop_reports()

@@ -28,16 +28,21 @@ def _display_image(split, index: int, size: tuple[int, int], min_height: int = 2
 
 
 def _drawn_rows(corr: dict):
-  """(name, locations, similarities) of every matching layer of one pair's correspondences, then
-  of each finer scale a pyramid matcher adds as `scale{s}_*` (KPM: s = 2, 3, …)."""
-  for layer in range(corr["probe_to_gallery"].shape[0]):
-    yield (f"layer {layer + 1}", corr["probe_to_gallery"][layer, 0, 0],
-           corr["probe_to_gallery_score"][layer, 0, 0])
-  s = 2
-  while f"scale{s}_probe_to_gallery" in corr:
-    yield (f"scale {s}", corr[f"scale{s}_probe_to_gallery"][0, 0],
-           corr[f"scale{s}_probe_to_gallery_score"][0, 0])
-    s += 1
+  """(name, locations, similarities) of each row to draw from one pair's correspondences: a
+  pyramid matcher's scales (`scale{s}_*`, KPM: "scale 1" the final map, then the finer ones),
+  else every matching layer ("layer l", TransMatcher's decoder layers), else the one map's
+  matches ("matches", QAConv)."""
+  if "scale1_probe_to_gallery" in corr:
+    s = 1
+    while f"scale{s}_probe_to_gallery" in corr:
+      yield (f"scale {s}", corr[f"scale{s}_probe_to_gallery"][0, 0],
+             corr[f"scale{s}_probe_to_gallery_score"][0, 0])
+      s += 1
+    return
+  layers = corr["probe_to_gallery"].shape[0]
+  for layer in range(layers):
+    yield ("matches" if layers == 1 else f"layer {layer + 1}",
+           corr["probe_to_gallery"][layer, 0, 0], corr["probe_to_gallery_score"][layer, 0, 0])
 
 
 def _grid(locations: int, map_size) -> tuple[int, int]:
@@ -111,8 +116,9 @@ def visualize(config, checkpoint: str, workdir: str, num_pairs: int, num_matches
   query with its top-ranked valid gallery image (same id and camera excluded, as in evaluation);
   one row per matching layer (TransMatcher: per decoder layer); a method without local matches
   (an embedding) draws none. Then each query's rank list: its `top_k` valid gallery images,
-  plain and re-ranked (`rerank`). Writes workdir/visualize/*.png, ranks/*.png and index.json /
-  index.html there; returns the index."""
+  plain and re-ranked (`rerank`). Writes workdir/visualize/*.png, ranks/*.png, index.json (its
+  paths relative to itself) and index.html there; returns the index (paths as written to).
+  Each row of a pair's picture is labelled by its scale or layer, under a colour legend."""
   import html
   import numpy as np
   import jaxreid
@@ -153,12 +159,14 @@ def visualize(config, checkpoint: str, workdir: str, num_pairs: int, num_matches
                                                                                      (h, w))
     layers, labels = [], []
     for name, loc, sim in _drawn_rows(corr):
-      layers.append(viz.draw_matches(probe_img, gallery_img, loc, sim,
-                                     map_size=_grid(loc.size, model.map_size),
+      grid = _grid(loc.size, model.map_size)
+      layers.append(viz.draw_matches(probe_img, gallery_img, loc, sim, map_size=grid,
                                      top=num_matches or None, gap=8, line_width=2))
       shown = min(num_matches, loc.size) if num_matches else loc.size
-      labels.append(f"{name}: strongest {shown} of {loc.size} matches, "
-                    f"similarity {sim.max():.3g} (max) {sim.mean():.3g} (mean)")
+      labels.append(f"{name} ({grid[0]}x{grid[1]} map): strongest {shown} of {loc.size} "
+                    f"matches, similarity {sim.max():.3g} (max) {sim.mean():.3g} (mean)")
+    layers.append(viz.colour_legend(min(layers[0].width, 320)))
+    labels.append("line colour: the match's similarity within its row")
     correct = bool(gallery.pids[gi] == query.pids[qi])
     heading = (f"query {query.filenames[qi]} -> gallery {gallery.filenames[gi]} "
                f"(score {scores[row, gi]:.3g}, {'same id' if correct else 'different id'})")
@@ -172,7 +180,7 @@ def visualize(config, checkpoint: str, workdir: str, num_pairs: int, num_matches
   index = {"test_set": title, "checkpoint": str(checkpoint), "method": model.config.model.name,
            "pairs": entries, "rank_lists": ranks}
   with open(os.path.join(out_dir, "index.json"), "w") as f:
-    json.dump(index, f, indent=2)
+    json.dump(_relative_paths(index, out_dir), f, indent=2)
   link = lambda path: html.escape(os.path.relpath(path, out_dir))
   with open(os.path.join(out_dir, "index.html"), "w") as f:
     f.write(f"<html><body><h3>{html.escape(title)}: {html.escape(str(checkpoint))}</h3>\n")
@@ -187,6 +195,15 @@ def visualize(config, checkpoint: str, workdir: str, num_pairs: int, num_matches
               f"<img src=\"{link(e['png'])}\"></p>\n")
     f.write("</body></html>\n")
   return index
+
+
+def _relative_paths(index: dict, folder: str) -> dict:
+  """`index` as index.json stores it: the checkpoint and the pictures' paths relative to
+  `folder` (the file's own), so the folder can be moved or opened from anywhere."""
+  rel = lambda path: os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+  return {**index, "checkpoint": rel(index["checkpoint"]),
+          **{key: [{**e, "png": rel(e["png"])} for e in index[key]]
+             for key in ("pairs", "rank_lists")}}
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")

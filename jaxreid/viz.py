@@ -57,7 +57,8 @@ def draw_matches(probe_image, gallery_image, locations, scores, *, map_size,
                  threshold: float | None = None, top: int | None = None, line_width: int = 1,
                  gap: int = 0) -> Image.Image:
   """The probe and gallery images side by side with a line from each probe map cell to the
-  centre of its matched gallery cell.
+  centre of its matched gallery cell, a dot at each end; where several drawn matches end in one
+  cell their ends are spread around its centre (`spread_endpoints`).
 
   probe_image / gallery_image: uint8 HxWx3 arrays (or PIL images) of any size; each is mapped to
   the h×w feature map by scaling with its own size. locations [h*w]: the matched gallery cell
@@ -82,18 +83,51 @@ def draw_matches(probe_image, gallery_image, locations, scores, *, map_size,
   offset = probe.width + gap
   canvas.paste(gallery, (offset, 0))
   start = cell_centres(map_size, (probe.height, probe.width))
-  end = cell_centres(map_size, (gallery.height, gallery.width)) + (offset, 0)
   chosen = select_matches(scores, threshold=threshold, top=top)
+  end = spread_endpoints(cell_centres(map_size, (gallery.height, gallery.width)), locations,
+                         chosen, (gallery.height / h, gallery.width / w)) + (offset, 0)
   if chosen.size:
     lo, hi = scores[chosen].min(), scores[chosen].max()
     draw = ImageDraw.Draw(canvas)
-    radius = max(1, line_width)
+    radius = max(2, line_width + 1)
+    colour = lambda i: score_colour(1.0 if hi == lo else (scores[i] - lo) / (hi - lo))
     for i in chosen[::-1]:  # weakest first
-      colour = score_colour(1.0 if hi == lo else (scores[i] - lo) / (hi - lo))
-      (x0, y0), (x1, y1) = start[i], end[locations[i]]
-      draw.line([(x0, y0), (x1, y1)], fill=colour, width=line_width)
-      for x, y in ((x0, y0), (x1, y1)):
-        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+      draw.line([tuple(start[i]), tuple(end[i])], fill=colour(i), width=line_width)
+    for i in chosen[::-1]:  # then the dots, outlined in black, on top of every line
+      for x, y in (start[i], end[i]):
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour(i),
+                     outline=(0, 0, 0))
+  return canvas
+
+
+def spread_endpoints(centres, locations, chosen, cell_size) -> np.ndarray:
+  """Pixel (x, y) [len(locations), 2] where each drawn match ends: its gallery cell's centre,
+  or, when k > 1 drawn matches end in the same cell (common on small maps such as 2×1 or 4×2),
+  k points evenly spaced on a circle of a quarter cell around it, so that every line keeps its
+  own end. `cell_size`: the (height, width) of a cell in pixels."""
+  end = np.asarray(centres, np.float64)[np.asarray(locations)]
+  radius = min(cell_size) / 4
+  for cell in np.unique(np.asarray(locations)[chosen]):
+    sharing = [i for i in chosen if locations[i] == cell]
+    if len(sharing) > 1:
+      angles = 2 * np.pi * np.arange(len(sharing)) / len(sharing)
+      end[sharing] += radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+  return end
+
+
+def colour_legend(width: int, height: int = 10, *, low: str = "weakest drawn",
+                  high: str = "strongest drawn") -> Image.Image:
+  """The match colour scale (score_colour) as a bar `width` pixels wide, `low` written under its
+  red end and `high` under its green end."""
+  bar = np.array([score_colour(t) for t in np.linspace(0, 1, max(width, 2))], np.uint8)
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  text_height = max(_text_size(measure, low)[1], _text_size(measure, high)[1]) + 4
+  canvas = Image.new("RGB", (max(width, _text_size(measure, f"{low}  {high}")[0]),
+                             height + text_height), BACKGROUND)
+  canvas.paste(Image.fromarray(np.repeat(bar[None], height, axis=0), "RGB"), (0, 0))
+  draw = ImageDraw.Draw(canvas)
+  draw.text((0, height + 2), low, fill=(0, 0, 0))
+  draw.text((canvas.width - _text_size(measure, high)[0], height + 2), high, fill=(0, 0, 0))
   return canvas
 
 

@@ -66,3 +66,23 @@ def test_every_imported_package_is_declared():
     if not names & need_project:
       missing.append(f"{module} ({', '.join(sorted(names))}) not in pyproject.toml")
   assert not missing, "; ".join(missing)
+
+
+def _pins(lines) -> dict[str, str]:
+  """{normalised name: version specifier} of requirement lines."""
+  pins = {}
+  for line in lines:
+    line = line.split("#")[0].strip()
+    if line and not line.startswith("-"):
+      name, spec = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", line).groups()
+      pins[_normalise(name)] = spec.replace(" ", "")
+  return pins
+
+
+def test_dev_extra_pins_as_requirements_dev():
+  """`pip install -e .[dev]` and `pip install -r requirements-dev.txt` install the same test
+  dependencies (the dev extra once allowed any torch ≥ 2.4 where requirements-dev pins one)."""
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  extra = _pins(project["optional-dependencies"]["dev"])
+  dev_file = _pins((ROOT / "requirements-dev.txt").read_text().splitlines())
+  assert extra == dev_file, (extra, dev_file)

@@ -23,7 +23,8 @@ LAYERS = [
     ("train/eval", ("jaxreid.train", "jaxreid.eval")),
     ("methods", ("jaxreid.methods",)),
     ("registry", ("jaxreid.registry",)),
-    ("api", ("jaxreid.api", "jaxreid.cli", "jaxreid.tools", "jaxreid.config_help")),
+    ("api", ("jaxreid.api", "jaxreid.cli", "jaxreid.tools", "jaxreid.config_help",
+             "jaxreid.report")),
 ]
 TRAINING_STACK = ("jaxreid.train", "jaxreid.data", "jaxreid.checkpoint", "orbax", "grain",
                   "tensorflow_datasets", "tensorboardX")

@@ -195,6 +195,14 @@ def test_main_visualize_writes_pngs(synthetic_data_dir, tmp_path):
   assert [Path(p).resolve() for p in printed[:2]] == [p.resolve() for p in pngs]
   index = json.loads((workdir / "visualize" / "index.json").read_text())
   assert len(index["pairs"]) == 2 and index["method"] == "qaconv"
+  # index.json's paths are relative to its own folder.
+  for entry in index["pairs"] + index["rank_lists"]:
+    assert not os.path.isabs(entry["png"]) and (workdir / "visualize" / entry["png"]).is_file()
+  assert (workdir / "visualize" / index["checkpoint"]).resolve() == ckpt_dir.resolve()
+  for p in index["pairs"]:
+    assert p["png"] == Path(p["png"]).name
+    # one row per matching layer, then the colour legend
+    assert Image.open(workdir / "visualize" / p["png"]).height > 256
   assert (workdir / "visualize" / "index.html").is_file()
   image = Image.open(pngs[0])
   assert image.mode == "RGB" and image.height >= 256 and image.width >= 2 * 128
@@ -206,7 +214,8 @@ def test_main_visualize_writes_pngs(synthetic_data_dir, tmp_path):
                                 config="domain_b")
   ranks = index["rank_lists"]
   assert [r["query_index"] for r in ranks] == [p["query_index"] for p in index["pairs"]]
-  assert [Path(p).resolve() for p in printed[2:4]] == [Path(r["png"]).resolve() for r in ranks]
+  assert [Path(p).resolve() for p in printed[2:4]] == [
+      (workdir / "visualize" / r["png"]).resolve() for r in ranks]
   html = (workdir / "visualize" / "index.html").read_text()
   for r in ranks:
     q = r["query_index"]
@@ -223,22 +232,71 @@ def test_main_visualize_writes_pngs(synthetic_data_dir, tmp_path):
     top = next(p for p in index["pairs"] if p["query_index"] == q)
     assert r["plain"][0]["gallery_index"] == top["gallery_index"]
     assert r["plain"][0]["score"] == pytest.approx(top["score"])
-    picture = Image.open(r["png"])
+    picture = Image.open(workdir / "visualize" / r["png"])
     assert picture.height > 2 * 128 and picture.width > 4 * 64
 
 
-def test_visualize_rows_cover_every_layer_and_finer_scale():
-  """--mode=visualize draws each matching layer, then each finer pyramid scale (`scale{s}_*`,
-  KPM) on its own grid, the model's map upsampled by an integer factor."""
+def test_visualize_rows_are_labelled_by_layer_or_scale():
+  """--mode=visualize draws each matching layer ("layer l"; one map: "matches"), or a pyramid
+  matcher's scales (`scale{s}_*`, KPM: "scale 1" is the standard keys' map, then the finer
+  ones) each on its own grid, the model's map upsampled by an integer factor."""
   from jaxreid.tools import _drawn_rows, _grid
   rng = np.random.default_rng(0)
-  corr = {"probe_to_gallery": rng.integers(0, 8, (2, 1, 1, 8)),
-          "probe_to_gallery_score": rng.random((2, 1, 1, 8)),
-          "scale2_probe_to_gallery": rng.integers(0, 32, (1, 1, 32)),
-          "scale2_probe_to_gallery_score": rng.random((1, 1, 32))}
-  rows = list(_drawn_rows(corr))
-  assert [name for name, _, _ in rows] == ["layer 1", "layer 2", "scale 2"]
-  np.testing.assert_array_equal(rows[2][1], corr["scale2_probe_to_gallery"][0, 0])
-  assert [_grid(loc.size, (4, 2)) for _, loc, _ in rows] == [(4, 2), (4, 2), (8, 4)]
+  layers = {"probe_to_gallery": rng.integers(0, 8, (2, 1, 1, 8)),
+            "probe_to_gallery_score": rng.random((2, 1, 1, 8))}
+  assert [name for name, _, _ in _drawn_rows(layers)] == ["layer 1", "layer 2"]
+  one = {k: v[:1] for k, v in layers.items()}
+  assert [name for name, _, _ in _drawn_rows(one)] == ["matches"]
+  pyramid = {"scale1_probe_to_gallery": rng.integers(0, 8, (1, 1, 8)),
+             "scale1_probe_to_gallery_score": rng.random((1, 1, 8)),
+             "scale2_probe_to_gallery": rng.integers(0, 32, (1, 1, 32)),
+             "scale2_probe_to_gallery_score": rng.random((1, 1, 32))}
+  pyramid["probe_to_gallery"] = pyramid["scale1_probe_to_gallery"][None]
+  pyramid["probe_to_gallery_score"] = pyramid["scale1_probe_to_gallery_score"][None]
+  rows = list(_drawn_rows(pyramid))
+  assert [name for name, _, _ in rows] == ["scale 1", "scale 2"]
+  np.testing.assert_array_equal(rows[1][1], pyramid["scale2_probe_to_gallery"][0, 0])
+  assert [_grid(loc.size, (4, 2)) for _, loc, _ in rows] == [(4, 2), (8, 4)]
   with pytest.raises(ValueError, match="24 matched locations fit no upsampling"):
     _grid(24, (4, 2))
+
+
+def test_kpm_rows_start_at_scale_1():
+  """KPM's correspondences give its rows "scale 1", "scale 2", … (never "layer 1")."""
+  from jaxreid.methods.kpm import correspondences
+  from jaxreid.tools import _drawn_rows
+  rng = np.random.default_rng(1)
+  probe, gallery = rng.normal(size=(1, 4, 2, 8)), rng.normal(size=(1, 4, 2, 8))
+  names = [name for name, _, _ in _drawn_rows(correspondences({"params": {"matcher": {}}},
+                                                               probe, gallery))]
+  assert names == ["scale 1"]
+
+
+@pytest.mark.parametrize("map_size", [(2, 1), (4, 2)])
+def test_match_ends_in_one_cell_stay_apart(map_size):
+  """On small maps many probe cells match one gallery cell: every drawn line keeps its own end,
+  spread around the cell's centre, at least 3 pixels from the others."""
+  h, w = map_size
+  locations, scores = np.zeros(h * w, np.int64), np.linspace(1.0, 2.0, h * w)
+  centres = viz.cell_centres(map_size, (128, 64))
+  chosen = viz.select_matches(scores)
+  ends = viz.spread_endpoints(centres, locations, chosen, (128 / h, 64 / w))
+  gaps = np.linalg.norm(ends[:, None] - ends[None], axis=-1) + 1e9 * np.eye(h * w)
+  assert gaps.min() >= 3
+  assert np.linalg.norm(ends - centres[0], axis=1).max() <= min(128 / h, 64 / w) / 4 + 1e-9
+  alone = viz.spread_endpoints(centres, np.arange(h * w), chosen, (128 / h, 64 / w))
+  np.testing.assert_allclose(alone, centres)        # one match per cell: the centre itself
+  # Drawn: the gallery half holds one dot per match (distinct colours, red → green).
+  image = np.asarray(viz.draw_matches(_blank(128, 64), _blank(128, 64), locations, scores,
+                                      map_size=map_size, line_width=1))
+  for (x, y), i in zip(ends, range(h * w)):
+    colour = viz.score_colour(i / (h * w - 1))
+    assert (image[int(round(y)), int(round(x)) + 64] == colour).all(), (i, x, y)
+
+
+def test_colour_legend_runs_red_to_green_with_its_words():
+  legend = np.asarray(viz.colour_legend(200, 10))
+  assert legend.shape[1] >= 200
+  assert tuple(legend[5, 0]) == viz.score_colour(0.0) == (255, 0, 0)
+  assert tuple(legend[5, 199]) == viz.score_colour(1.0) == (0, 255, 0)
+  assert (legend[12:, :40] < 128).any() and (legend[12:, -40:] < 128).any()   # the two words

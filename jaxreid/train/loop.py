@@ -32,7 +32,7 @@ from jaxreid.models import init_variables
 from jaxreid.objectives import Objective
 from jaxreid.train import preflight
 from jaxreid.train import schedule as schedules
-from jaxreid.train.optim import make_optimizer
+from jaxreid.train.optim import learning_rates, make_optimizer
 from jaxreid.train.state import TrainState
 
 
@@ -48,6 +48,8 @@ class Task(NamedTuple):
   after epoch `schedule.final_epochs` (at most `epochs`);
   stateful: {name: object} whose state_dict() / load_state_dict(dict) of NumPy arrays is saved in
   every checkpoint's data state (a sampler's pointers); the schedule's is saved as "schedule".
+  learning_rates(state) → {parameter group: lr of the step just taken}, computed on the host and
+  logged to TensorBoard as train/lr/<group> (None: not logged).
   """
   name: str                      # log / TensorBoard prefix ("" for the main model)
   state: TrainState
@@ -66,6 +68,7 @@ class Task(NamedTuple):
   stop_at_step: int | None = None
   schedule: Any = None
   stateful: dict | None = None
+  learning_rates: Callable[[TrainState], dict[str, float]] | None = None
 
 
 def make_train_step(model, tx, objective: Objective, train_cfg):
@@ -233,6 +236,8 @@ def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainStat
             writer.add_scalar(f"{tag}train/{k}", v, step)
           writer.add_scalar(f"{tag}train/steps_per_s", (b + 1 - start_batch) / (time.time() - t0),
                             step)
+          for group, lr in (task.learning_rates(state) if task.learning_rates else {}).items():
+            writer.add_scalar(f"{tag}train/lr/{group}", lr, step)
           log.info("%sstep %d/%d epoch %d: %s", prefix, step, total, epoch + 1,
                    " ".join(f"{k}={v:.4f}" for k, v in m.items()))
         if save_now or stop_now or signalled:
@@ -451,8 +456,9 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
   (workdir / "config.json").write_text(config.to_json(indent=2))
   model = method.build(config)
   sampler = make_sampler(config, train_split)
-  tx = make_optimizer(config.train, sampler.epoch_lengths(config.train.epochs)
-                      if hasattr(sampler, "epoch_lengths") else sampler.num_batches)
+  steps_per_epoch = (sampler.epoch_lengths(config.train.epochs)
+                     if hasattr(sampler, "epoch_lengths") else sampler.num_batches)
+  tx = make_optimizer(config.train, steps_per_epoch)
   state = create_train_state(config, model, tx, objective, train_split.num_classes,
                              jax.random.key(config.seed))
   train_step = make_train_step(model, tx, objective, config.train)
@@ -486,7 +492,9 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
       log_every_steps=t.log_every_steps, checkpoint_every_steps=t.checkpoint_every_steps,
       keep_checkpoints=t.keep_checkpoints, eval_every_epochs=t.eval_every_epochs,
       stop_at_step=t.get("stop_at_step"), schedule=schedules.from_config(t),
-      stateful={"sampler": sampler} if hasattr(sampler, "state_dict") else None)
+      stateful={"sampler": sampler} if hasattr(sampler, "state_dict") else None,
+      learning_rates=lambda state: learning_rates(config.train, steps_per_epoch,
+                                                  int(state.step) - 1, state.opt_state))
   writer = summary_writer(workdir)
   try:
     results, state = run(task, log, writer)

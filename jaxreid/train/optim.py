@@ -133,6 +133,25 @@ def make_optimizer(train_cfg, steps_per_epoch) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
+def learning_rates(train_cfg, steps_per_epoch, step: int, opt_state=None) -> dict[str, float]:
+  """The lr of each parameter group for optimiser step `step` (0-based, as optax counts),
+  computed on the host from the schedule for logging: "backbone" and "new" (LR_GROUPS), with
+  "backbone_bias" / "new_bias" when train.bias_lr_mult ≠ 1, each times the loss-driven lr scale
+  held in `opt_state` (train.adaptive_step_factor)."""
+  lr = float(lr_schedule(train_cfg, steps_per_epoch)(step)) * lr_scale(opt_state)
+  rates = {"backbone": lr * train_cfg.backbone_lr_mult, "new": lr}
+  bias_mult = train_cfg.get("bias_lr_mult", 1.0)
+  if bias_mult != 1.0:
+    rates.update({f"{group}_bias": rate * bias_mult for group, rate in list(rates.items())})
+  return rates
+
+
+def lr_scale(opt_state) -> float:
+  """The loss-driven lr scale in `opt_state` (1 when it has none)."""
+  hyperparams = getattr(opt_state[-1], "hyperparams", {}) if opt_state else {}
+  return float(jax.device_get(hyperparams["step_size"])) if "step_size" in hyperparams else 1.0
+
+
 def set_lr_scale(opt_state, scale: float):
   """`opt_state` (of `make_optimizer` with train.adaptive_step_factor) with its lr scale set."""
   last = opt_state[-1]

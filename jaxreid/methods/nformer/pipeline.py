@@ -101,7 +101,8 @@ def train_stage2(config, features: np.ndarray | None, labels: np.ndarray, num_cl
       batches=batches, evaluate=None, config=config, checkpoint_dir=workdir / STAGE2_DIR,
       mesh=parallel.make_mesh(jax.local_devices()[:1]),   # sets are not sharded
       log_every_steps=nf.log_every_steps, checkpoint_every_steps=nf.checkpoint_every_steps,
-      keep_checkpoints=config.train.keep_checkpoints, stop_at_step=nf.get("stop_at_step"))
+      keep_checkpoints=config.train.keep_checkpoints, stop_at_step=nf.get("stop_at_step"),
+      learning_rates=lambda state: {"nformer": float(nf.lr)})   # constant (objective.py)
   workdir.mkdir(parents=True, exist_ok=True)
   writer = loop.summary_writer(workdir)
   try:
