@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxreid import models
+from jaxreid import models, official
 from jaxreid.methods.nformer.convert import nformer_from_official
 from jaxreid.methods.nformer.model import NFormer
 from jaxreid.methods.nformer.stage1 import build_stage1
@@ -27,8 +27,8 @@ def build_head(nf, num_classes: int | None = None) -> NFormer:
 
 def stage1_from_official(state, input_size=(256, 128)):
   """(config, stage-1 module, variables) of the official `Baseline` in `state` (bare, or the
-  'backbone.*' half of the release file); see `models.baseline_from_official`."""
-  overrides, variables = models.baseline_from_official(state, input_size)
+  'backbone.*' half of the release file); see `official.baseline_from_official`."""
+  overrides, variables = official.baseline_from_official(state, input_size)
   config = ml_collections.ConfigDict(dict(
       model=dict(backbone="resnet", **overrides["model"]), data=overrides["data"],
       train=dict(bf16=False)))
