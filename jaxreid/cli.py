@@ -246,7 +246,7 @@ def main(argv):
   if FLAGS.mode == "train":
     from jaxreid.train import loop
     loop.STOP_AT_ONCE = _exit_at_once    # a second signal ends the process at once
-    results = method.train_and_evaluate(config, workdir)
+    results = registry.train_and_evaluate(config, workdir)
   elif method.evaluate is not None:      # a method with its own evaluation (NFormer's stages)
     results = method.evaluate(config, FLAGS.checkpoint or workdir, workdir)
   else:
