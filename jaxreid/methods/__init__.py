@@ -18,7 +18,8 @@ class Method:
     export(variables) → the official checkpoint layout (NumPy), `convert`'s inverse.
   input_size: (h, w) of an official checkpoint loaded without one (default 384×128).
   correspondences(variables, probe, gallery) → argmax matches per layer, for drawing.
-  describe(model config) → the model in a few words (`ReidModel.__repr__`).
+  describe(model config) → the method's part of the model in a few words (`ReidModel.__repr__`
+    adds the backbone's).
   train(config, workdir, mesh) / evaluate(config, checkpoint, workdir) / load(checkpoint):
     replace the standard pipeline (one image model: `train.loop.train_and_evaluate` through
     `registry.train_and_evaluate`, `api.evaluate_checkpoint`, `api.ReidModel`) for a method
