@@ -34,8 +34,6 @@ def tiny_config(name: str):
     if field in m:
       m[field] = value
   config.data.update(height=H, width=W, batch_size=8)
-  if "num_images" in config.train:   # a per-image memory (PAT's part bank): the 8 images below
-    config.train.num_images = 8
   config.eval.update(batch_size=8, tile_p=4, tile_g=4)
   return config
 
@@ -84,7 +82,7 @@ def test_one_training_step_per_objective(method_case):
       cfg.model.update(variant)
       mdl = method.build(cfg)
     tx = make_optimizer(cfg.train, steps_per_epoch=10)
-    state = create_train_state(cfg, mdl, tx, objective, NUM_CLASSES, jax.random.key(0))
+    state = create_train_state(cfg, mdl, tx, objective, NUM_CLASSES, 8, jax.random.key(0))
     new, metrics = jax.jit(make_train_step(mdl, tx, objective, cfg.train))(state, batch)
     assert np.isfinite(float(metrics["loss"])) and "accuracy" in metrics, (loss_name, metrics)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params,
@@ -100,7 +98,7 @@ def test_save_then_load_gives_the_same_model(method_case, tmp_path):
                            variables)
   objective = next(iter(method.objectives.values()))
   tx = make_optimizer(config.train, steps_per_epoch=10)
-  state = create_train_state(config, model, tx, objective, NUM_CLASSES, jax.random.key(0))
+  state = create_train_state(config, model, tx, objective, NUM_CLASSES, 8, jax.random.key(0))
   state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   ckpt = Checkpointer(tmp_path)
   ckpt.save_best(state, config, {"mAP": 1.0})

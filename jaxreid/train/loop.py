@@ -98,9 +98,10 @@ def make_train_step(model, tx, objective: Objective, train_cfg):
 
 
 def create_train_state(config, model, tx, objective: Objective, num_classes: int,
-                       rng) -> TrainState:
+                       num_images: int, rng) -> TrainState:
   """Initial state: fresh variables (the backbone from model.pretrained when set), the
-  optimiser state and the objective's memory."""
+  optimiser state and the objective's memory (for `num_classes` ids in `num_images` training
+  images)."""
   init_rng, state_rng = jax.random.split(rng)
   variables = init_variables(model, init_rng, config.data.height, config.data.width)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -110,7 +111,7 @@ def create_train_state(config, model, tx, objective: Objective, num_classes: int
     params = _replace_subtree(params, ("encoder", "backbone"), bb_params)
     if bb_stats:
       batch_stats = _replace_subtree(batch_stats, ("encoder", "backbone"), bb_stats)
-  memory = objective.init_memory(config, params, num_classes, init_rng)
+  memory = objective.init_memory(config, params, num_classes, num_images, init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=batch_stats, opt_state=tx.init(params),
                     memory=memory, rng=state_rng)
@@ -429,9 +430,6 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
   if "num_classes" in config.model and not config.model.num_classes:
     with config.unlocked():  # the classifier covers the training ids; saved with the config
       config.model.num_classes = train_split.num_classes
-  if "num_images" in config.train and not config.train.num_images:
-    with config.unlocked():  # the size of an objective's per-image memory (PAT's part bank)
-      config.train.num_images = len(train_split.labels)
   workdir.mkdir(parents=True, exist_ok=True)
   log = file_logger(workdir)
   (workdir / "config.json").write_text(config.to_json(indent=2))
@@ -440,7 +438,7 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
   steps_per_epoch = sampler.epoch_lengths(config.train.epochs)
   tx = make_optimizer(config.train, steps_per_epoch)
   state = create_train_state(config, model, tx, objective, train_split.num_classes,
-                             jax.random.key(config.seed))
+                             len(train_split.labels), jax.random.key(config.seed))
   train_step = make_train_step(model, tx, objective, config.train)
   preflight.check_step_fields(train_step, state, config)
   if objective.prepare is not None and not has_checkpoint(workdir):

@@ -155,7 +155,7 @@ RESUMABLE = ("train.stop_at_step", "train.log_every_steps", "train.checkpoint_ev
              "dataset.data_dir", "dataset.manual_dir", "dataset.skip_bad_images",
              "data.num_threads", "data.num_workers", "model.pretrained")
 # Filled in from the training split when the config leaves them 0 (config.json holds the value).
-FILLED_AT_START = ("model.num_classes", "train.num_images")
+FILLED_AT_START = ("model.num_classes",)
 
 
 def validate_eval(config) -> None:

@@ -72,7 +72,8 @@ def prefilled_memory(config, split, mesh, state=None) -> dict:
   model = build(c)
   if state is None:
     state = loop.create_train_state(config, build(config), optax.identity(), PAT,
-                                    split.num_classes, jax.random.key(config.seed))
+                                    split.num_classes, len(split.labels),
+                                    jax.random.key(config.seed))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   sampler = samplers.make_sampler(c, split)
   plan = loop.epoch_plan(c, sampler, model, state, split, mesh, 0)

@@ -139,7 +139,7 @@ def test_released_train_step_and_optimizer_groups():
   method = registry.method_of(config)
   tx = make_optimizer(config.train, steps_per_epoch=10)
   obj = method.objectives[config.train.loss]
-  state = create_train_state(config, model, tx, obj, 2, jax.random.key(0))
+  state = create_train_state(config, model, tx, obj, 2, 8, jax.random.key(0))
   batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 64, 32, 3)),
                                 jnp.uint8),
            "label": jnp.asarray([0, 0, 0, 0, 1, 1, 1, 1], jnp.int32),
