@@ -406,11 +406,14 @@ def check_divergence(metrics: dict, step: int, prefix: str, log, first_losses: l
     print(f"warning: {message}", file=sys.stderr)
 
 
-def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
+def train_and_evaluate(config, workdir: str, method, mesh=None, *,
+                       resumable: tuple[str, ...] = ()) -> dict:
   """Trains the image model of `config` with `method`'s objective `train.loss` in `workdir`
   (resuming from its last checkpoint) and evaluates the result.
 
-  `method`: the registry entry (its `build` and `objectives`); `mesh` defaults to all devices.
+  `method`: the registry entry (its `build` and `objectives`); `mesh` defaults to all devices;
+  `resumable`: config fields a resume may change besides `preflight.RESUMABLE` (a later stage's
+  own section).
   Returns the final results dict (also written to `workdir/results.json`); {} when stopped
   early by `train.stop_at_step`.
   """
@@ -423,7 +426,7 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(config.data.batch_size, mesh, "data.batch_size")
   parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
-  preflight.check_workdir(workdir, config, config.get("method") or method.name)
+  preflight.check_workdir(workdir, config, config.get("method") or method.name, resumable)
   datasets.resolve(config)
   train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir,
                                     manual_dir=config.dataset.manual_dir)

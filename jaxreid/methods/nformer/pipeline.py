@@ -224,7 +224,10 @@ def train_and_evaluate(config, workdir: str, stage1_method, mesh=None) -> dict:
   workdir = Path(workdir)
   mesh = mesh or parallel.make_mesh()
   t0 = time.time()
-  stage1 = loop.train_and_evaluate(config, workdir, stage1_method, mesh=mesh)
+  # Stage 2 keeps checkpoints of its own, which stage 1's run never reads: a rerun may change
+  # the nformer.* fields.
+  stage1 = loop.train_and_evaluate(config, workdir, stage1_method, mesh=mesh,
+                                   resumable=("nformer.",))
   if not stage1:
     return {}
   s1_config, model, variables = _stage1(workdir, stage1_method)
