@@ -231,14 +231,12 @@ def step_cost(config, batch: int, record) -> float:
   c.data.batch_size = batch
   if "num_classes" in c.model:
     c.model.num_classes = batch // k
-  if "num_images" in c.train:
-    c.train.num_images = batch
   method = registry.method_of(c)
   model = method.build(c)
   objective = method.objectives[c.train.loss]
   tx = make_optimizer(c.train, steps_per_epoch=100)
   mesh = parallel.make_mesh()
-  state = parallel.replicate(create_train_state(c, model, tx, objective, batch // k,
+  state = parallel.replicate(create_train_state(c, model, tx, objective, batch // k, batch,
                                                 jax.random.key(0)), mesh)
   step = parallel.jit_train_step(make_train_step(model, tx, objective, c.train), mesh)
   rng = np.random.default_rng(0)

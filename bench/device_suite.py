@@ -367,7 +367,7 @@ def section_train(args, record):
   tx = make_optimizer(config.train, steps_per_epoch=100)
   mesh = parallel.make_mesh()
   state = parallel.replicate(create_train_state(config, model, tx, objective, num_classes,
-                                                jax.random.key(0)), mesh)
+                                                batch_size, jax.random.key(0)), mesh)
   step = parallel.jit_train_step(make_train_step(model, tx, objective, config.train), mesh)
   from jaxreid.data import pipeline
   import bench_input_pipeline

@@ -49,7 +49,6 @@ def pat_fields(c):
   c.data.augment.update(rotate_deg=0.0, occlusion=False, random_erasing=0.0)
   t = c.train
   t.loss = "pat"
-  t.num_images = 0                    # bank slots = training images; set by the training loop
   t.label_smoothing = 0.1
   t.triplet_weight = 1.0              # soft-margin batch-hard triplet on the class token
   t.pat = dict(

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxreid import registry
+from jaxreid import backbones, registry
 from jaxreid.eval.scoring import match_fn, score_matrix
 from jaxreid.models import feature_map_size, init_variables
 from jaxreid.weights import DEFAULT_INPUT_SIZE, check_variables, read_state_dict
@@ -28,8 +28,9 @@ def configs_dir() -> Path:
   return Path(__file__).resolve().parent.parent / "configs"
 
 
-def method_names() -> list[str]:
-  """Methods with a config file in `configs/`."""
+def config_names() -> list[str]:
+  """The configs shipped in `configs/`, by name ("qaconv_gs", "vit", …): a method's default
+  config is named after it, and some configs run another method's model."""
   return sorted(p.stem for p in configs_dir().glob("*.py")
                 if p.stem not in ("__init__", "common"))
 
@@ -67,7 +68,8 @@ def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def resolve_config(method_or_config) -> ml_collections.ConfigDict:
-  """A ConfigDict from a method name ("qaconv_gs"), a 'file.py[:arg]' path or a ConfigDict."""
+  """A ConfigDict from a shipped config's name ("qaconv_gs", see `config_names`), a
+  'file.py[:arg]' path or a ConfigDict."""
   if isinstance(method_or_config, ml_collections.ConfigDict):
     return ml_collections.ConfigDict(method_or_config.to_dict())
   spec = str(method_or_config)
@@ -76,9 +78,9 @@ def resolve_config(method_or_config) -> ml_collections.ConfigDict:
     path, arg = spec, None
   if path.endswith(".py"):
     return load_config_file(path, arg)
-  if spec in method_names():
+  if spec in config_names():
     return load_config_file(configs_dir() / f"{spec}.py")
-  raise ValueError(f"Unknown method {spec!r}: use one of {method_names()} or a config file "
+  raise ValueError(f"Unknown method {spec!r}: use one of {config_names()} or a config file "
                    "path 'file.py[:setting]'.")
 
 
@@ -89,15 +91,15 @@ def _apply(config: ml_collections.ConfigDict, model: dict, height: int, width: i
   return config
 
 
-def _load_official(path: Path, config, input_size):
-  """(config, variables) from an official .pth/.pth.tar/.safetensors checkpoint."""
+def _load_official(path: Path, config, method, input_size):
+  """(config, variables) from an official .pth/.pth.tar/.safetensors checkpoint of `method`."""
   state = read_state_dict(path)
-  requested = config.model.name
+  requested = method.name
   found = registry.detect(state)
   if found is not None and found != requested:
     raise ValueError(f"{path} looks like a {found} checkpoint, but method '{requested}' was "
                      f"requested; pass '{found}' instead.")
-  convert = registry.get(requested).convert
+  convert = method.convert
   if convert is None:
     supported = sorted(name for name, m in registry.METHODS.items() if m.convert is not None)
     raise ValueError(f"Official checkpoints of '{requested}' cannot be converted yet (supported: "
@@ -125,44 +127,49 @@ def _load_ours(path: Path, config, from_method_name: bool, requested: str):
 
 
 def load(method_or_config, checkpoint, *, input_size=None, batch_size: int | None = None):
-  """A ReidModel with the weights of `checkpoint`.
+  """A ReidModel with the weights of `checkpoint` (or the method's own loaded object, for a
+  method with a `load`).
 
-  `method_or_config`: a method name ("qaconv", "qaconv_gs"), a config file 'file.py[:setting]',
-  or a ConfigDict. `checkpoint`: an official QAConv .pth.tar/.pth/.safetensors file (the
-  architecture is read from it; input `input_size`, default 384×128), or a jaxreid run / Orbax
-  checkpoint directory (architecture and input size from its saved config). `batch_size`: images
-  per `encode` step (default `config.eval.batch_size`).
+  `method_or_config`: a method or shipped config name ("qaconv", "qaconv_gs"), a config file
+  'file.py[:setting]', or a ConfigDict. `checkpoint`: an official .pth.tar/.pth/.safetensors
+  file of the method (the architecture is read from it; input `input_size`, default the
+  method's `input_size` or 384×128), or a jaxreid run / Orbax checkpoint directory
+  (architecture and input size from its saved config). `batch_size`: images per `encode` step
+  (default `config.eval.batch_size`).
   """
   if isinstance(method_or_config, str) and method_or_config in registry.METHODS:
-    custom = registry.get(method_or_config).load
-    if custom is not None:     # a method with its own loaded model (NFormer's refine)
-      return custom(checkpoint, **({"input_size": tuple(input_size)} if input_size else {}))
+    pipeline = registry.get(method_or_config)
+    if pipeline.load is not None:   # its own loaded object (a stage on another method's model)
+      return pipeline.load(checkpoint, **({"input_size": tuple(input_size)} if input_size else {}))
   config = resolve_config(method_or_config)
+  method = registry.get(config.model.name)     # the method of the image model
   path = Path(os.path.expanduser(str(checkpoint)))
   if not path.exists():
     raise FileNotFoundError(f"Checkpoint {path} does not exist.")
   if path.is_dir():
-    is_name = isinstance(method_or_config, str) and method_or_config in method_names()
+    is_name = isinstance(method_or_config, str) and method_or_config in config_names()
     requested = (method_or_config if isinstance(method_or_config, str)
                  else config.model.name)
     config, variables = _load_ours(path, config, is_name, requested)
   else:
-    config, variables = _load_official(path, config, tuple(
-        input_size or registry.get(config.model.name).input_size or DEFAULT_INPUT_SIZE))
-  return ReidModel(config, variables, batch_size=batch_size)
+    config, variables = _load_official(path, config, method, tuple(
+        input_size or method.input_size or DEFAULT_INPUT_SIZE))
+  return ReidModel(config, variables, method=method, batch_size=batch_size)
 
 
 class ReidModel:
-  """A loaded pairwise matcher: `encode` images → feature maps, `match` maps → logits [P, G].
+  """A loaded image model: `encode` images → features (maps, or vectors of an embedding model),
+  `match` features → scores [P, G] (higher = more similar).
 
-  Attributes: `config` (ConfigDict), `variables` ({"params", "batch_stats"}), `module` (the Flax
-  PairwiseModel), `input_size` (h, w) and `map_size` (h, w) of the feature maps.
+  Attributes: `config` (ConfigDict), `variables` ({"params", "batch_stats"}), `method` (its
+  `registry` entry, of config.model.name unless given), `module` (the Flax model), `input_size`
+  (h, w) and `map_size` (h, w) of the backbone's feature maps.
   """
 
-  def __init__(self, config, variables, *, batch_size: int | None = None):
+  def __init__(self, config, variables, *, method=None, batch_size: int | None = None):
     self.config = config
-    self.method = registry.get(config.model.name)
-    self.module = registry.build_model(config)
+    self.method = method or registry.get(config.model.name)
+    self.module = self.method.build(config)
     self.input_size = (int(config.data.height), int(config.data.width))
     self.map_size = feature_map_size(config.model, *self.input_size)
     self.batch_size = int(batch_size or config.get("eval", {}).get("batch_size", 64))
@@ -180,9 +187,10 @@ class ReidModel:
 
   def __repr__(self):
     m = self.config.model
-    details = ", ".join(filter(None, [self.method.describe(m), f"input {self.input_size[0]}×"
-                                      f"{self.input_size[1]}", f"features {self.feature_shape}"]))
-    return (f"ReidModel({m.name}, ResNet-{m.depth} ibn={m.ibn}, {m.final_layer}, {details})")
+    return "ReidModel(" + ", ".join(filter(None, [
+        m.name, backbones.get(m).describe(m), self.method.describe(m),
+        f"input {self.input_size[0]}×{self.input_size[1]}",
+        f"features {self.feature_shape}"])) + ")"
 
   def _check_images(self, images) -> np.ndarray:
     images = np.asarray(images)
@@ -254,8 +262,7 @@ class ReidModel:
   def correspondences(self, probe_maps, gallery_maps) -> dict:
     """Argmax matches for drawing: for every pair and matching layer, each probe location's best
     gallery location and vice versa (flat y*w+x), with their similarities. Arrays
-    [L, P, G, h*w] with a leading layer axis (L = 1 for QAConv, one per decoder layer for
-    TransMatcher). Keys: probe_to_gallery, probe_to_gallery_score, gallery_to_probe,
+    [L, P, G, h*w] with a leading axis over the method's matching layers. Keys: probe_to_gallery, probe_to_gallery_score, gallery_to_probe,
     gallery_to_probe_score. Meant for a few pairs at a time (memory P·G·L·(h*w)²)."""
     if self.method.correspondences is None:
       drawable = sorted(n for n, m in registry.METHODS.items() if m.correspondences is not None)

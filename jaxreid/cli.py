@@ -79,6 +79,7 @@ def help_text() -> str:
   """`jaxreid --help`: usage, the modes, two examples and every flag of this module with its
   help (absl's own --help lists only the flags of the __main__ module: none)."""
   import textwrap
+  from jaxreid.api import config_names
   wrap = lambda text, indent: textwrap.fill(text, 79, initial_indent=indent,
                                             subsequent_indent=" " * len(indent))
   width = max(len(m) for m in MODES)
@@ -86,17 +87,12 @@ def help_text() -> str:
            "               [--config.FIELD=VALUE ...] [flags]",
            "       (python main.py takes the same arguments)", "",
            wrap("CONFIG: a config file, or the name of one shipped with jaxreid ("
-                + ", ".join(_shipped_configs()) + "). --config.FIELD=VALUE overrides a field; "
+                + ", ".join(config_names()) + "). --config.FIELD=VALUE overrides a field; "
                 "--mode=describe lists the fields.", ""), "", "modes (--mode):"]
   lines += [wrap(what, f"  {m:<{width}}  ") for m, what in MODES.items()]
   lines += ["", "examples:"] + [f"  {command}\n      {what}" for command, what in EXAMPLES]
   lines += ["", "flags:" + FLAGS.module_help(sys.modules[__name__]).split(":", 1)[1]]
   return "\n".join(lines) + "\n"
-
-
-def _shipped_configs() -> list[str]:
-  from jaxreid.api import method_names
-  return method_names()
 
 
 def _config_argument(argv) -> tuple[int, str] | tuple[None, None]:
@@ -113,14 +109,13 @@ def resolve_config_argument(spec: str) -> str:
   """A config given by name ('transmatcher', 'transmatcher:market') or by a path that is not
   here but is one of the shipped configs ('configs/transmatcher.py' outside a checkout) → the
   shipped file's path; any other path is returned unchanged."""
-  from jaxreid.api import configs_dir
+  from jaxreid.api import config_names, configs_dir
   path, sep, setting = spec.partition(":")
   if os.path.isfile(path):
     return spec
-  name = os.path.basename(path)
-  shipped = configs_dir() / (name if name.endswith(".py") else f"{name}.py")
-  if shipped.is_file() and shipped.stem not in ("__init__", "common"):
-    return f"{shipped}{sep}{setting}"
+  name = os.path.basename(path).removesuffix(".py")
+  if name in config_names():
+    return f"{configs_dir() / f'{name}.py'}{sep}{setting}"
   return spec
 
 
@@ -139,9 +134,9 @@ def parse_flags(argv):
     argv[index] = resolved if argv[index] == spec else f"--config={resolved}"
     path = resolved.split(":", 1)[0]
     if not os.path.isfile(path):
-      from jaxreid.api import method_names
+      from jaxreid.api import config_names
       _fail(f"config file {path} does not exist; give a config file or one of the configs "
-            f"shipped with jaxreid by name: {', '.join(method_names())}")
+            f"shipped with jaxreid by name: {', '.join(config_names())}")
   try:
     return FLAGS(argv)
   except Exception as e:  # ml_collections raises AttributeError/KeyError/TypeError/ValueError
@@ -246,7 +241,7 @@ def main(argv):
   if FLAGS.mode == "train":
     from jaxreid.train import loop
     loop.STOP_AT_ONCE = _exit_at_once    # a second signal ends the process at once
-    results = method.train_and_evaluate(config, workdir)
+    results = registry.train_and_evaluate(config, workdir)
   elif method.evaluate is not None:      # a method with its own evaluation (NFormer's stages)
     results = method.evaluate(config, FLAGS.checkpoint or workdir, workdir)
   else:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 
-def no_memory(config, params, num_classes: int, rng) -> dict:
+def no_memory(config, params, num_classes: int, num_images: int, rng) -> dict:
   return {}
 
 
@@ -23,7 +23,8 @@ def keep_memory(memory, aux, batch, train_cfg):
 
 class Objective(NamedTuple):
   """loss(model, variables, state, batch, train_cfg) → (loss, (batch_stats, aux, metrics));
-  init_memory(config, params, num_classes, rng) → memory;
+  init_memory(config, params, num_classes, num_images, rng) → memory (the training split has
+    `num_classes` ids in `num_images` images);
   update_memory(memory, aux, batch, train_cfg) → memory (after the loss, in the same step);
   prepare(config, state, train_split, mesh, log) → state: once before the first step of a run
   that does not resume (PAT's pre-filled part memory), or None."""
@@ -71,7 +72,7 @@ def _embedding_loss(model, variables, state, batch, train_cfg):
   return value, (upd["batch_stats"], jax.lax.stop_gradient(features), {"accuracy": accuracy})
 
 
-def _init_centers(config, params, num_classes: int, rng) -> dict:
+def _init_centers(config, params, num_classes: int, num_images: int, rng) -> dict:
   dim = params["head"]["bottleneck"]["scale"].shape[0]
   return {"centers": jax.random.normal(jax.random.fold_in(rng, 1), (num_classes, dim))}
 

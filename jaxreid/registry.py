@@ -1,5 +1,6 @@
-"""The only list of method names. Everything that needs to know a method (the API, the command
-line, checkpoint loading) asks here; a new method is one line in `METHODS`."""
+"""The only list of methods. Everything that needs to know a method (the API, the command line,
+checkpoint loading) asks here, and a run is trained here (`train_and_evaluate`); a new method is
+one line in `METHODS`."""
 from jaxreid.methods import (Method, embedding, kpm, nformer, pat, qaconv, transformer_pairs,
                              transmatcher)
 from jaxreid.weights import flatten_state
@@ -9,7 +10,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     transmatcher.METHOD,
     *transformer_pairs.METHODS,
     embedding.METHOD,
-    nformer.METHOD,
+    nformer.method(stage1=embedding.METHOD),
     kpm.METHOD,
     pat.METHOD,
 )}
@@ -40,5 +41,12 @@ def detect(state) -> str | None:
 
 
 def train_and_evaluate(config, workdir, mesh=None) -> dict:
-  """Trains and evaluates `config` with its method (see `method_of`); {} when stopped early."""
-  return method_of(config).train_and_evaluate(config, workdir, mesh)
+  """Trains `config` in `workdir` (resuming) with its method (see `method_of`: its own `train`,
+  else the one training loop) and evaluates; {} when stopped early. The run holds the workdir's
+  lock throughout (a second run on it stops at once)."""
+  from jaxreid.train import loop, preflight   # the training stack only when training
+  method = method_of(config)
+  with preflight.workdir_lock(workdir):
+    if method.train is not None:
+      return method.train(config, workdir, mesh)
+    return loop.train_and_evaluate(config, workdir, method, mesh)

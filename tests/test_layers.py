@@ -19,7 +19,7 @@ LAYERS = [
     ("io", ("jaxreid.weights", "jaxreid.parallel", "jaxreid.checkpoint", "jaxreid.viz",
             "jaxreid.nn", "jaxreid.data", "jaxreid.export")),
     ("backbones", ("jaxreid.backbones",)),
-    ("models", ("jaxreid.models", "jaxreid.objectives")),
+    ("models", ("jaxreid.models", "jaxreid.objectives", "jaxreid.official")),
     ("train/eval", ("jaxreid.train", "jaxreid.eval")),
     ("methods", ("jaxreid.methods",)),
     ("registry", ("jaxreid.registry",)),

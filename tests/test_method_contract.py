@@ -20,8 +20,12 @@ from jaxreid.train.optim import make_optimizer
 from jaxreid.weights import flatten_state
 
 H, W, NUM_CLASSES = 64, 32, 4
-# Objectives that train another variant of the method than its default config builds.
-OBJECTIVE_MODEL = {("kpm", "random_walk"): dict(variant="released", scales=1, tau=1.0, groups=2)}
+# Objectives that need more than the method's default config holds: another variant of its
+# model, or a field of the config written for that loss (QAConv's triplet: configs/qaconv_gs.py).
+OBJECTIVE_CONFIG = {
+    ("kpm", "random_walk"): {"model": dict(variant="released", scales=1, tau=1.0, groups=2)},
+    ("qaconv", "triplet"): {"train": dict(triplet_margin=16.0)},
+}
 
 
 def tiny_config(name: str):
@@ -34,8 +38,6 @@ def tiny_config(name: str):
     if field in m:
       m[field] = value
   config.data.update(height=H, width=W, batch_size=8)
-  if "num_images" in config.train:   # a per-image memory (PAT's part bank): the 8 images below
-    config.train.num_images = 8
   config.eval.update(batch_size=8, tile_p=4, tile_g=4)
   return config
 
@@ -73,18 +75,15 @@ def test_one_training_step_per_objective(method_case):
   batch = {"image": jnp.asarray(images(8, 2)), "label": labels,
            "index": jnp.arange(8, dtype=jnp.int32)}
   for loss_name, objective in sorted(method.objectives.items()):
-    variant = OBJECTIVE_MODEL.get((name, loss_name))
-    cfg = config.copy_and_resolve_references() if variant else config
+    extra = OBJECTIVE_CONFIG.get((name, loss_name), {})
+    cfg = config.copy_and_resolve_references()
     cfg.train.loss = loss_name
-    for field, value in (("focal_gamma", 2.0), ("triplet_margin", 0.3)):
-      if field not in cfg.train:
-        cfg.train[field] = value
-    mdl = model
-    if variant:
-      cfg.model.update(variant)
-      mdl = method.build(cfg)
+    with cfg.unlocked():
+      for section, fields in extra.items():
+        cfg[section].update(fields)
+    mdl = method.build(cfg) if "model" in extra else model
     tx = make_optimizer(cfg.train, steps_per_epoch=10)
-    state = create_train_state(cfg, mdl, tx, objective, NUM_CLASSES, jax.random.key(0))
+    state = create_train_state(cfg, mdl, tx, objective, NUM_CLASSES, 8, jax.random.key(0))
     new, metrics = jax.jit(make_train_step(mdl, tx, objective, cfg.train))(state, batch)
     assert np.isfinite(float(metrics["loss"])) and "accuracy" in metrics, (loss_name, metrics)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params,
@@ -100,7 +99,7 @@ def test_save_then_load_gives_the_same_model(method_case, tmp_path):
                            variables)
   objective = next(iter(method.objectives.values()))
   tx = make_optimizer(config.train, steps_per_epoch=10)
-  state = create_train_state(config, model, tx, objective, NUM_CLASSES, jax.random.key(0))
+  state = create_train_state(config, model, tx, objective, NUM_CLASSES, 8, jax.random.key(0))
   state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   ckpt = Checkpointer(tmp_path)
   ckpt.save_best(state, config, {"mAP": 1.0})

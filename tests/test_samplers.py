@@ -324,43 +324,39 @@ def test_rerank_graph_distance_is_official_v20_reranking(c):
   assert not np.array_equal(sampler.neighbours(ours), sampler.neighbours(distance))
 
 
-def test_epoch_plan_reranks_the_graph_as_official_v20(monkeypatch):
-  """loop.epoch_plan with data.gs_rerank: the batches of official v2.0 graph_index on the
-  re-ranked distance; pre-epochs score nothing."""
-  import ml_collections
-  from jaxreid.train import loop
+def test_plan_reranks_the_graph_as_official_v20():
+  """GraphSampler.plan with rerank (data.gs_rerank): the batches of official v2.0 graph_index
+  on the re-ranked distance of the representatives' scores; pre-epochs score nothing."""
   c, batch_size, k = 14, 8, 2
   labels = _labels(num_classes=c, seed=3)
-  score = np.random.default_rng(5).normal(0, 20, (c, c)).astype(np.float32)
+  scores = np.random.default_rng(5).normal(0, 20, (c, c)).astype(np.float32)
   calls = []
-  monkeypatch.setattr(loop, "extract", lambda *a, **kw: calls.append(kw["indices"]))
-  monkeypatch.setattr(loop, "match_fn", lambda model: None)
-  monkeypatch.setattr(loop, "score_matrix", lambda *a, **kw: score)
-  config = ml_collections.ConfigDict(dict(
-      data=dict(gs_rerank=True, gs_pre_epochs=1), eval=dict(tile_p=8, tile_g=8)))
-  state = ml_collections.ConfigDict(dict(params=None, batch_stats=None))
-  ours = GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=5, pre_epochs=1)
+
+  def score(indices):
+    calls.append(indices)
+    return scores.copy()
+
+  ours = GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=5, pre_epochs=1,
+                      rerank=True)
   official = _OfficialGraphSampler(
       labels, batch_size, k, shuffle=ours.class_order,
       batch_order=lambda e: np.random.default_rng([5, e, 1]).permutation(c))
-  plan = loop.epoch_plan(config, ours, None, state, None, None, 0)
+  plan = ours.plan(0, score)
   assert not calls and plan.shape == (ours.epoch_lengths(1)[0], batch_size)
   for epoch in (1, 2):
-    plan = loop.epoch_plan(config, ours, None, state, None, None, epoch)
+    plan = ours.plan(epoch, score)
     np.testing.assert_array_equal(calls[-1], ours.representatives(epoch))
     np.testing.assert_array_equal(plan, official.graph_index(epoch,
-                                                             _official_graph_distance(score)))
-  plans = []
-  for rerank in (True, False):                 # without re-ranking (−score): another graph
-    config.data.gs_rerank = rerank
-    fresh = GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=5, pre_epochs=1)
-    plans.append(loop.epoch_plan(config, fresh, None, state, None, None, 1))
+                                                             _official_graph_distance(scores)))
+  plans = [GraphSampler(labels, batch_size=batch_size, num_instances=k, seed=5, pre_epochs=1,
+                        rerank=rerank).plan(1, score)
+           for rerank in (True, False)]        # without re-ranking (−score): another graph
   assert not np.array_equal(*plans)
 
 
 def test_v20_settings_train_as_official_main_gs():
   from configs import qaconv_gs
-  from jaxreid.train.loop import make_sampler
+  from jaxreid.data.samplers import make_sampler
   for setting in ("market_v20", "msmt17_all_v20"):
     c = qaconv_gs.get_config(setting)
     assert c.model.neck_bn and c.data.gs_pre_epochs == 1 and c.data.gs_rerank
@@ -372,3 +368,31 @@ def test_v20_settings_train_as_official_main_gs():
   c.data.batch_size, c.data.num_instances = 8, 2
   sampler = make_sampler(c, split)
   assert sampler.pre_epochs == 1 and not sampler.needs_distance(0) and sampler.needs_distance(1)
+  assert sampler.rerank
+
+
+def test_every_sampler_keeps_the_loop_protocol():
+  """What the training loop asks of each `data.sampler`: `plan` (scores asked for only by the
+  graph sampler, of the images it names), one plan of `epoch_lengths` rows per epoch, and a
+  state that restores the same next plan."""
+  import ml_collections
+  from jaxreid.data.samplers import Sampler, make_sampler
+  labels = _labels(num_classes=10, seed=2)
+  split = type("Split", (), {"labels": labels, "cams": np.arange(len(labels)) % 3})()
+  for name in ("random", "pk", "identity", "multi_gallery", "gs"):
+    config = ml_collections.ConfigDict(dict(seed=1, data=dict(sampler=name, batch_size=8,
+                                                             num_instances=2)))
+    sampler, asked = make_sampler(config, split), []
+
+    def score(indices):
+      asked.append(indices)
+      return -np.abs(np.subtract.outer(indices, indices)).astype(np.float32)
+
+    assert isinstance(sampler, Sampler)
+    lengths = sampler.epoch_lengths(2)
+    state = sampler.state_dict()
+    plans = [sampler.plan(epoch, score) for epoch in (0, 1)]
+    assert [p.shape for p in plans] == [(n, 8) for n in lengths], name
+    assert bool(asked) == (name == "gs"), name
+    sampler.load_state_dict(state)
+    np.testing.assert_array_equal(sampler.plan(0, score), plans[0])

@@ -24,7 +24,7 @@ def untrained_and_trained(config, tmp_path) -> tuple[dict, dict, dict]:
   model = registry.build_model(config)
   variables = init_variables(model, jax.random.key(config.seed), 64, 32)
   untrained = evaluate_matcher(config, model, variables, parallel.make_mesh())
-  trained = registry.method_of(config).train_and_evaluate(config, tmp_path)
+  trained = registry.train_and_evaluate(config, tmp_path)
   (u,), (t,) = untrained["test"].values(), trained["test"].values()
   print(json.dumps({"untrained": u, "trained": t}))
   return u, t, trained

@@ -1,5 +1,6 @@
 """Backbones chosen by `model.backbone`: each maps normalised pixels to a feature map
-[B, h, w, C] and brings its own output size and ImageNet-weight loader.
+[B, h, w, C] and brings its own output size, ImageNet-weight loader and a few words about
+itself.
 
 A backbone module is always built as the submodule `backbone` of the encoder, so its
 parameters sit under params/encoder/backbone: the optimiser's backbone lr group
@@ -14,11 +15,13 @@ class Backbone(NamedTuple):
   build: Callable[[Any, Any], Any]                    # (model config, dtype) → Flax module
   output_size: Callable[[Any, int, int], tuple]       # (model config, H, W) → (h, w)
   load_pretrained: Callable[[str, Any], tuple]        # (path, model config) → (params, stats)
+  describe: Callable[[Any], str]                      # model config → "ResNet-50 ibn=b, layer3"
 
 
 BACKBONES = {
-    "resnet": Backbone(resnet.from_config, resnet.output_size, resnet.load_pretrained),
-    "vit": Backbone(vit.from_config, vit.output_size, vit.load_pretrained),
+    "resnet": Backbone(resnet.from_config, resnet.output_size, resnet.load_pretrained,
+                       resnet.describe),
+    "vit": Backbone(vit.from_config, vit.output_size, vit.load_pretrained, vit.describe),
 }
 
 

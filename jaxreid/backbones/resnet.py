@@ -139,6 +139,10 @@ def from_config(model_cfg, dtype) -> ResNet:
                 dtype, stem_relu=bool(model_cfg.get("stem_relu", True)))
 
 
+def describe(model_cfg) -> str:
+  return f"ResNet-{model_cfg.depth} ibn={model_cfg.ibn}, {model_cfg.final_layer}"
+
+
 # ------------------------------------------------------------------------------------------------
 # torchvision / IBN-Net state dicts
 

@@ -228,6 +228,12 @@ def output_size(model_cfg, height: int, width: int) -> tuple[int, int]:
                    int(model_cfg.get("stride_size", model_cfg.patch_size)))
 
 
+def describe(model_cfg) -> str:
+  m = model_cfg
+  return (f"ViT {m.vit_dim}×{m.vit_depth}, heads {m.vit_heads}, patch {m.patch_size} stride "
+          f"{m.get('stride_size', m.patch_size)}")
+
+
 # ------------------------------------------------------------------------------------------------
 # ImageNet weights
 

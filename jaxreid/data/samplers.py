@@ -1,9 +1,13 @@
 """Batch plans: which dataset indices each batch of an epoch holds.
 
-A plan is a pure function of (seed, epoch[, class distances]), except for the graph sampler, whose
-per-class pointers carry over between epochs (its `state_dict` is saved in every checkpoint); so a
-resumed run rebuilds the same plan and skips the batches it already did.
+Every sampler is a `Sampler`, the one protocol the training loop uses; `make_sampler` builds the
+one `data.sampler` names. A plan is a pure function of (seed, epoch[, model scores]), except for
+the graph sampler, whose per-class pointers carry over between epochs (its `state_dict` is saved
+in every checkpoint); so a resumed run rebuilds the same plan and skips the batches it already
+did.
 """
+from typing import Callable
+
 import numpy as np
 
 
@@ -31,7 +35,41 @@ def _check_batch(batch_size: int, num_instances: int, num_classes: int) -> int:
   return per_batch
 
 
-class RandomSampler:
+class Sampler:
+  """What the training loop asks of a sampler.
+
+  plan(epoch, score) → the epoch's batches, int64 [batches, batch_size] of dataset indices;
+    `score(indices)` → float32 [n, n]: the current model's scores between those training images,
+    which a sampler that groups similar classes asks for (the graph sampler; the others ignore
+    it);
+  epoch_lengths(epochs) → the batches of each of epochs 0 … epochs-1 (the lr schedule's epochs);
+  state_dict() / load_state_dict(state): what carries over between epochs, as NumPy arrays
+    (saved in every checkpoint; nothing for most samplers).
+  A sampler with neither scores nor state defines `epoch_plan(epoch)` and `num_batches`.
+  """
+
+  def epoch_plan(self, epoch: int) -> np.ndarray:
+    raise NotImplementedError
+
+  @property
+  def num_batches(self) -> int:
+    raise NotImplementedError
+
+  def plan(self, epoch: int, score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    del score
+    return self.epoch_plan(epoch)
+
+  def epoch_lengths(self, epochs: int) -> list[int]:
+    return [self.num_batches] * epochs
+
+  def state_dict(self) -> dict:
+    return {}
+
+  def load_state_dict(self, state: dict) -> None:
+    del state
+
+
+class RandomSampler(Sampler):
   """Every image once per epoch in a random order (the official QAConv sampler); the last
   incomplete batch is dropped."""
 
@@ -51,7 +89,7 @@ class RandomSampler:
     return order[:self.num_batches * self.batch_size].reshape(self.num_batches, self.batch_size)
 
 
-class PKSampler:
+class PKSampler(Sampler):
   """P classes x K images per batch; every class once per epoch, in a random order."""
 
   def __init__(self, labels: np.ndarray, *, batch_size: int, num_instances: int, seed: int):
@@ -74,11 +112,12 @@ class PKSampler:
     return np.asarray(rows, np.int64).reshape(self.num_batches, self.batch_size)
 
 
-class GraphSampler:
+class GraphSampler(Sampler):
   """QAConv's graph sampler: each class leads one batch with its nearest classes.
 
-  Per epoch: `representatives(epoch)` picks one image per class; the caller scores them with the
-  current model into a [C, C] class distance; `epoch_plan(epoch, distance)` gives C batches.
+  Per epoch (`plan`): `representatives(epoch)` picks one image per class; the model's scores
+  between them give a [C, C] class distance (−score, or with `rerank` QAConv-GS v2.0's re-ranked
+  `v20_graph_distance`); `epoch_plan(epoch, distance)` gives C batches.
 
   As the official sampler (QAConv-GS, docs/methods/qaconv.md), each class keeps a pointer into a
   shuffled list of its images across epochs, and reshuffles that list only when the pointer
@@ -92,12 +131,12 @@ class GraphSampler:
   """
 
   def __init__(self, labels: np.ndarray, *, batch_size: int, num_instances: int, seed: int,
-               pre_epochs: int = 0):
+               pre_epochs: int = 0, rerank: bool = False):
     self._index = _class_indices(labels)
     self.num_classes = len(self._index)
     self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
     self._per_batch = _check_batch(batch_size, num_instances, self.num_classes)
-    self.pre_epochs = int(pre_epochs)
+    self.pre_epochs, self.rerank = int(pre_epochs), bool(rerank)
     # Chunks of K per class in a pre-epoch: ⌊n/K⌋ (1 when n < K), at most batch_size of them.
     self._pre_chunks = np.asarray([min(max(1, len(idx) // num_instances), batch_size)
                                    for idx in self._index])
@@ -193,6 +232,14 @@ class GraphSampler:
     order = np.argsort(dist, axis=1, kind="stable")
     return order[:, :self._per_batch - 1].astype(np.int64)
 
+  def plan(self, epoch: int, score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`epoch_plan` of the class distance of `score(representatives(epoch))`: −score, or with
+    `rerank` `v20_graph_distance(score)`; in a pre-epoch, no scores."""
+    if not self.needs_distance(epoch):
+      return self.pre_epoch_plan(epoch)
+    scores = score(self.representatives(epoch))
+    return self.epoch_plan(epoch, v20_graph_distance(scores) if self.rerank else -scores)
+
   def epoch_plan(self, epoch: int, class_distance: np.ndarray | None = None) -> np.ndarray:
     """int64 [C, batch_size]: the batch of class c = its neighbours (nearest first), then c, K
     images each from the per-class pointers (advanced in that order, leaders 0..C-1, as the
@@ -211,7 +258,7 @@ class GraphSampler:
     return batches[rng.permutation(self.num_classes)]
 
 
-class IdentitySampler:
+class IdentitySampler(Sampler):
   """reid-strong-baseline's RandomIdentitySampler (docs/methods/embedding.md): an epoch covers
   every image. Each class's images are shuffled and cut into chunks of K (a class with fewer
   than K images is first drawn up to K with replacement; a last partial chunk is dropped); then,
@@ -275,7 +322,7 @@ class IdentitySampler:
     return np.asarray(rows, np.int64).reshape(len(rows), self.batch_size)
 
 
-class MultiGallerySampler:
+class MultiGallerySampler(Sampler):
   """KPM's RandomMultipleGallerySampler (docs/methods/kpm.md): an epoch makes every image an
   anchor once, in a random order, each followed by K − 1 images of its identity from other
   cameras; N × K images per epoch, cut into batches (the last partial one dropped). A batch is
@@ -326,6 +373,33 @@ class MultiGallerySampler:
       row[0] = i
       row[1:] = rng.choice(cand, k - 1, replace=len(cand) < k)
     return rows.reshape(-1)[:self.num_batches * self.batch_size].reshape(-1, self.batch_size)
+
+
+def make_sampler(config, split) -> Sampler:
+  """The sampler of `config.data.sampler` over the training `split` (its labels, and camera ids
+  for "multi_gallery"), seeded by config.seed."""
+  d = config.data
+  common = dict(batch_size=d.batch_size, num_instances=d.num_instances, seed=config.seed)
+  if d.sampler == "gs":
+    return GraphSampler(split.labels, **common, pre_epochs=d.get("gs_pre_epochs", 0),
+                        rerank=d.get("gs_rerank", False))
+  if d.sampler == "multi_gallery":
+    return MultiGallerySampler(split.labels, split.cams, **common)
+  by_labels = {"pk": PKSampler, "random": RandomSampler, "identity": IdentitySampler}
+  if d.sampler not in by_labels:
+    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs', 'pk', 'random', "
+                     "'identity' or 'multi_gallery'.")
+  return by_labels[d.sampler](split.labels, **common)
+
+
+def v20_graph_distance(scores: np.ndarray) -> np.ndarray:
+  """QAConv-GS v2.0's class distance of the graph sampler (`data.gs_rerank`,
+  docs/methods/qaconv.md): 1 − sigmoid(score / 10) (v2.0's pairwise_distance; a NaN score is as
+  far as can be, 1), k-reciprocal re-ranked as v2.0 does (`rerank_graph_distance`)."""
+  with np.errstate(over="ignore"):
+    distance = 1 - 1 / (1 + np.exp(-scores / 10))
+  distance[np.isnan(distance)] = 1
+  return rerank_graph_distance(distance)
 
 
 def rerank_graph_distance(distance: np.ndarray, k1: int = 20, k2: int = 6,

@@ -7,21 +7,23 @@ from typing import Any, Callable, Mapping
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """What the rest of jaxreid needs to know about a method.
+  """What the rest of jaxreid needs to know about a method: a plain record, which the registry
+  lists and the API, the command line and the training loop read.
 
   build(config) → the Flax model (`models.PairwiseModel` or `models.EmbeddingModel`) of
-    config.model for config.data.height × width; None for a method that runs on another
-    method's model (NFormer on the embedding model, named by config.model.name).
+    config.model for config.data.height × width.
   objectives: train.loss → `objectives.Objective`.
   convert(state, input_size) → ({"model": overrides, "data": {height, width}}, variables) of an
     official checkpoint; detect(flat keys) → whether a state dict is one of this method's;
     export(variables) → the official checkpoint layout (NumPy), `convert`'s inverse.
   input_size: (h, w) of an official checkpoint loaded without one (default 384×128).
   correspondences(variables, probe, gallery) → argmax matches per layer, for drawing.
-  describe(model config) → the model in a few words (`ReidModel.__repr__`).
+  describe(model config) → the method's part of the model in a few words (`ReidModel.__repr__`
+    adds the backbone's).
   train(config, workdir, mesh) / evaluate(config, checkpoint, workdir) / load(checkpoint):
-    replace the standard pipeline (one image model: `train.loop.train_and_evaluate`,
-    `api.evaluate_checkpoint`, `api.ReidModel`) for a method with more stages.
+    replace the standard pipeline (one image model: `train.loop.train_and_evaluate` through
+    `registry.train_and_evaluate`, `api.evaluate_checkpoint`, `api.ReidModel`) for a method
+    with more stages.
   refiner(config, checkpoint) → refine(q, g) → (q', g'): the test-time transform of extracted
     query and gallery features that `evaluate` applies (NFormer's stage 2), for --mode=rank.
   """
@@ -39,15 +41,6 @@ class Method:
   evaluate: Callable[..., dict] | None = None
   load: Callable[..., Any] | None = None
   refiner: Callable[..., Callable] | None = None
-
-  def train_and_evaluate(self, config, workdir, mesh=None) -> dict:
-    """Trains `config` in `workdir` (resuming) and evaluates; {} when stopped early. The run
-    holds the workdir's lock throughout (a second run on it stops at once)."""
-    from jaxreid.train import loop, preflight
-    with preflight.workdir_lock(workdir):
-      if self.train is not None:
-        return self.train(config, workdir, mesh)
-      return loop.train_and_evaluate(config, workdir, self, mesh)
 
 
 def has_key(keys, fragment: str) -> bool:

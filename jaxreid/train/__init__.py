@@ -2,5 +2,5 @@
 schedules, the generic train step that applies a method's `objectives.Objective`.
 
 `loop.train_and_evaluate(config, workdir, method)` trains an image model; a method with more
-stages (NFormer) builds its own `loop.Task` for each and runs it through the same `loop.run`.
+stages builds its own `loop.Task` for each later one and runs it through the same `loop.run`.
 """

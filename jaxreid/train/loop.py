@@ -4,7 +4,8 @@
 and per epoch a batch plan (saved in checkpoints, so a resumed run continues mid-epoch with the
 same batches) and the host batches it gives; it logs, checkpoints, resumes, honours
 `stop_at_step`, and calls the task's evaluation. `train_and_evaluate` builds the task of an
-image model trained by one of its method's objectives; NFormer's stage 2 builds its own.
+image model trained by one of its method's objectives, with batches from the sampler of
+`data.sampler` (`data.samplers.Sampler`); a method's later stage builds its own task.
 """
 import contextlib
 import json
@@ -97,9 +98,10 @@ def make_train_step(model, tx, objective: Objective, train_cfg):
 
 
 def create_train_state(config, model, tx, objective: Objective, num_classes: int,
-                       rng) -> TrainState:
+                       num_images: int, rng) -> TrainState:
   """Initial state: fresh variables (the backbone from model.pretrained when set), the
-  optimiser state and the objective's memory."""
+  optimiser state and the objective's memory (for `num_classes` ids in `num_images` training
+  images)."""
   init_rng, state_rng = jax.random.split(rng)
   variables = init_variables(model, init_rng, config.data.height, config.data.width)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -109,7 +111,7 @@ def create_train_state(config, model, tx, objective: Objective, num_classes: int
     params = _replace_subtree(params, ("encoder", "backbone"), bb_params)
     if bb_stats:
       batch_stats = _replace_subtree(batch_stats, ("encoder", "backbone"), bb_stats)
-  memory = objective.init_memory(config, params, num_classes, init_rng)
+  memory = objective.init_memory(config, params, num_classes, num_images, init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=batch_stats, opt_state=tx.init(params),
                     memory=memory, rng=state_rng)
@@ -131,41 +133,21 @@ def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
   return out
 
 
-def make_sampler(config, train_split):
-  d = config.data
-  cls = {"gs": samplers.GraphSampler, "pk": samplers.PKSampler,
-         "random": samplers.RandomSampler, "identity": samplers.IdentitySampler,
-         "multi_gallery": samplers.MultiGallerySampler}.get(d.sampler)
-  if cls is None:
-    raise ValueError(f"data.sampler={d.sampler!r} is unknown; use 'gs', 'pk', 'random', "
-                     "'identity' or 'multi_gallery'.")
-  extra = {"pre_epochs": d.get("gs_pre_epochs", 0)} if cls is samplers.GraphSampler else {}
-  args = ((train_split.labels, train_split.cams) if cls is samplers.MultiGallerySampler
-          else (train_split.labels,))
-  return cls(*args, batch_size=d.batch_size, num_instances=d.num_instances, seed=config.seed,
-             **extra)
+def epoch_plan(config, sampler: samplers.Sampler, model, state, train_split, mesh,
+               epoch: int) -> np.ndarray:
+  """The batches of one epoch (`sampler.plan`); the scores a sampler asks for are those of the
+  model in `state` between the training images it names, extracted and matched as in
+  evaluation."""
 
-
-def epoch_plan(config, sampler, model, state, train_split, mesh, epoch: int) -> np.ndarray:
-  """The batches of one epoch; the graph sampler first scores one image per class (not in its
-  pre-epochs). With `data.gs_rerank` (QAConv-GS v2.0, docs/methods/qaconv.md) the class distance
-  is v2.0's 1 - sigmoid(score / 10), k-reciprocal re-ranked (k1 = 20, k2 = 6, λ = 0.3) as v2.0
-  does; otherwise −score."""
-  if not isinstance(sampler, samplers.GraphSampler) or not sampler.needs_distance(epoch):
-    return sampler.epoch_plan(epoch)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  reps = sampler.representatives(epoch)
-  maps = extract(model, variables, train_split, config, mesh, indices=reps,
-                 desc=f"graph sampler, epoch {epoch + 1}")
-  scores = np.asarray(score_matrix(match_fn(model), variables, maps, maps,
+  def score(indices):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    maps = extract(model, variables, train_split, config, mesh, indices=indices,
+                   desc=f"sampler scores, epoch {epoch + 1}")
+    return np.asarray(score_matrix(match_fn(model), variables, maps, maps,
                                    tile_p=config.eval.tile_p, tile_g=config.eval.tile_g,
                                    mesh=mesh), np.float32)
-  if not config.data.get("gs_rerank", False):
-    return sampler.epoch_plan(epoch, -scores)
-  with np.errstate(over="ignore"):
-    distance = 1 - 1 / (1 + np.exp(-scores / 10))    # v2.0's pairwise_distance
-  distance[np.isnan(distance)] = 1                   # a NaN score: as far as can be
-  return sampler.epoch_plan(epoch, samplers.rerank_graph_distance(distance))
+
+  return sampler.plan(epoch, score)
 
 
 def run(task: Task, log: logging.Logger, writer) -> tuple[dict | None, TrainState]:
@@ -424,11 +406,14 @@ def check_divergence(metrics: dict, step: int, prefix: str, log, first_losses: l
     print(f"warning: {message}", file=sys.stderr)
 
 
-def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
+def train_and_evaluate(config, workdir: str, method, mesh=None, *,
+                       resumable: tuple[str, ...] = ()) -> dict:
   """Trains the image model of `config` with `method`'s objective `train.loss` in `workdir`
   (resuming from its last checkpoint) and evaluates the result.
 
-  `method`: the registry entry (its `build` and `objectives`); `mesh` defaults to all devices.
+  `method`: the registry entry (its `build` and `objectives`); `mesh` defaults to all devices;
+  `resumable`: config fields a resume may change besides `preflight.RESUMABLE` (a later stage's
+  own section).
   Returns the final results dict (also written to `workdir/results.json`); {} when stopped
   early by `train.stop_at_step`.
   """
@@ -441,26 +426,22 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(config.data.batch_size, mesh, "data.batch_size")
   parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
-  preflight.check_workdir(workdir, config, config.get("method") or method.name)
+  preflight.check_workdir(workdir, config, config.get("method") or method.name, resumable)
   datasets.resolve(config)
   train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir,
                                     manual_dir=config.dataset.manual_dir)
   if "num_classes" in config.model and not config.model.num_classes:
     with config.unlocked():  # the classifier covers the training ids; saved with the config
       config.model.num_classes = train_split.num_classes
-  if "num_images" in config.train and not config.train.num_images:
-    with config.unlocked():  # the size of an objective's per-image memory (PAT's part bank)
-      config.train.num_images = len(train_split.labels)
   workdir.mkdir(parents=True, exist_ok=True)
   log = file_logger(workdir)
   (workdir / "config.json").write_text(config.to_json(indent=2))
   model = method.build(config)
-  sampler = make_sampler(config, train_split)
-  steps_per_epoch = (sampler.epoch_lengths(config.train.epochs)
-                     if hasattr(sampler, "epoch_lengths") else sampler.num_batches)
+  sampler = samplers.make_sampler(config, train_split)
+  steps_per_epoch = sampler.epoch_lengths(config.train.epochs)
   tx = make_optimizer(config.train, steps_per_epoch)
   state = create_train_state(config, model, tx, objective, train_split.num_classes,
-                             jax.random.key(config.seed))
+                             len(train_split.labels), jax.random.key(config.seed))
   train_step = make_train_step(model, tx, objective, config.train)
   preflight.check_step_fields(train_step, state, config)
   if objective.prepare is not None and not has_checkpoint(workdir):
@@ -492,7 +473,7 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
       log_every_steps=t.log_every_steps, checkpoint_every_steps=t.checkpoint_every_steps,
       keep_checkpoints=t.keep_checkpoints, eval_every_epochs=t.eval_every_epochs,
       stop_at_step=t.get("stop_at_step"), schedule=schedules.from_config(t),
-      stateful={"sampler": sampler} if hasattr(sampler, "state_dict") else None,
+      stateful={"sampler": sampler},
       learning_rates=lambda state: learning_rates(config.train, steps_per_epoch,
                                                   int(state.step) - 1, state.opt_state))
   writer = summary_writer(workdir)

@@ -112,8 +112,6 @@ def validate(config, kind: str) -> None:
   for name in ("weight_decay", "clip_norm", "backbone_lr_mult"):
     if name in t:
       _number(f"train.{name}", t[name], 0.0)
-  if "rw_alpha" in t:   # KPM's random walk: (I − αA) is singular at α = 1
-    _number("train.rw_alpha", t.rw_alpha, 0.0, 0.999, meaning=" (the random walk's α, below 1)")
   if "lr_step_factor" in t:
     _number("train.lr_step_factor", t.lr_step_factor, 0.0, open_low=True)
   steps = t.get("lr_step_epochs", ())
@@ -144,18 +142,16 @@ def validate(config, kind: str) -> None:
 
 
 # A run resumes with the config it started with, except these fields (a prefix ending in "."
-# covers a section): where it stops, how often it logs, checkpoints and evaluates, how it
-# evaluates and on which test sets, where its data live and how the host loads them, the
-# ImageNet file read only before the first step, the learning rate and clipping (what a
-# diverged run is resumed with), and NFormer's stage-2 fields (stage 2 keeps checkpoints of its
-# own, which stage 1's run never reads).
+# covers a section) and those its method adds (`check_workdir`): where it stops, how often it
+# logs, checkpoints and evaluates, how it evaluates and on which test sets, where its data live
+# and how the host loads them, the ImageNet file read only before the first step, the learning
+# rate and clipping (what a diverged run is resumed with).
 RESUMABLE = ("train.stop_at_step", "train.log_every_steps", "train.checkpoint_every_steps",
-             "train.lr", "train.clip_norm", "nformer.",
-             "train.keep_checkpoints", "train.eval_every_epochs", "eval.", "dataset.test",
+             "train.lr", "train.clip_norm", "train.keep_checkpoints", "train.eval_every_epochs", "eval.", "dataset.test",
              "dataset.data_dir", "dataset.manual_dir", "dataset.skip_bad_images",
              "data.num_threads", "data.num_workers", "model.pretrained")
 # Filled in from the training split when the config leaves them 0 (config.json holds the value).
-FILLED_AT_START = ("model.num_classes", "train.num_images")
+FILLED_AT_START = ("model.num_classes",)
 
 
 def validate_eval(config) -> None:
@@ -223,10 +219,11 @@ def check_step_fields(step, state, config) -> None:
                      "another train.loss.") from None
 
 
-def check_workdir(workdir, config, method_name: str) -> None:
+def check_workdir(workdir, config, method_name: str, resumable: tuple[str, ...] = ()) -> None:
   """Stops a run, before anything in `workdir` is overwritten, when the workdir holds a run
   (checkpoints, best/ or results.json) of another method or of a config that differs in a field
-  a resume may not change (RESUMABLE), naming the fields and both values."""
+  a resume may not change (not in RESUMABLE or `resumable`), naming the fields and both
+  values."""
   workdir = Path(workdir)
   held = any(any((workdir / d).glob("[0-9]*")) for d in ("checkpoints", "best")) or (
       workdir / "results.json").is_file()
@@ -241,21 +238,22 @@ def check_workdir(workdir, config, method_name: str) -> None:
   afresh = f"use another --workdir, or delete {workdir} to start this run there afresh"
   if saved_method != method_name:
     raise ValueError(f"workdir {workdir} holds a {saved_method} run; {afresh}.")
-  diff = config_differences(saved, config.to_dict())
+  diff = config_differences(saved, config.to_dict(), RESUMABLE + tuple(resumable))
   if diff:
     shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
     raise ValueError(f"workdir {workdir} holds a {saved_method} run whose config differs in "
                      f"{shown}; resume it with its own config ({saved_path}), or {afresh}.")
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict,
+                       resumable: tuple[str, ...] = RESUMABLE) -> list[str]:
   """"field (saved value there, current value here)" for every field both configs have that
-  differs and that a resume may not change."""
+  differs and that a resume may not change (not in `resumable`)."""
   saved_flat, current_flat = _flatten(saved), _flatten(current)
   out = []
   for key, value in current_flat.items():
     if key not in saved_flat or any(key == r or (r.endswith(".") and key.startswith(r))
-                                    for r in RESUMABLE):
+                                    for r in resumable):
       continue
     if key in FILLED_AT_START and not value:
       continue

@@ -1,7 +1,7 @@
 """The embedding baseline (ResNet → pooling → Linear → BNNeck → classifier, reid-strong-baseline;
 NFormer's stage 1) and the TransMatcher paper's ViT-style and vanilla-Transformer baselines as
 its Transformer poolings. Vectors ranked by cosine. docs/methods/embedding.md."""
-from jaxreid import models, objectives
+from jaxreid import models, objectives, official
 from jaxreid.methods import Method
 from jaxreid.methods.embedding import convert, model
 
@@ -30,6 +30,7 @@ def build(config) -> models.EmbeddingModel:
 
 METHOD = Method(name="embedding", kind="embedding", build=build,
                 objectives={"embedding": objectives.EMBEDDING},
-                convert=convert.convert, detect=convert.detect, export=convert.export,
+                convert=official.baseline_from_official, detect=convert.detect,
+                export=official.baseline_to_official,
                 input_size=(256, 128),
                 describe=lambda m: f"pooling {m.get('pooling', 'gap')}")

@@ -1,7 +1,7 @@
-"""Official stage-1 weights → the embedding model: reid-strong-baseline's `Baseline` (NFormer's
-stage 1), bare or as the 'backbone.*' half of NFormer's release file `nformer_model.pth`
-(docs/methods/embedding.md). The conversion itself is shared (`models.baseline_from_official`)."""
-from jaxreid import models
+"""Which official checkpoints are the embedding model's: reid-strong-baseline's `Baseline`
+(NFormer's stage 1), bare or as the 'backbone.*' half of NFormer's release file
+`nformer_model.pth` (docs/methods/embedding.md). The conversion itself is shared
+(`official.baseline_from_official` / `baseline_to_official`)."""
 from jaxreid.methods import has_key
 
 
@@ -10,11 +10,3 @@ def detect(keys) -> bool:
   under 'backbone.', as in NFormer's release file)."""
   return (has_key(keys, "base.layer") and has_key(keys, "projection.")
           and has_key(keys, "bottleneck."))
-
-
-def convert(state, input_size):
-  return models.baseline_from_official(state, input_size)
-
-
-def export(variables):
-  return models.baseline_to_official(variables)

@@ -27,6 +27,10 @@ def build(config) -> models.PairwiseModel:
     raise ValueError("The KPM hourglass needs model.final_layer = 'layer4' and "
                      "model.last_stride = 2 (each scale twice the size of the one before).")
   train = config.get("train") or {}
+  alpha = train.get("rw_alpha", 0.0)   # (I − αA) of the random walk is singular at α = 1
+  if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 0.999):
+    raise ValueError(f"train.rw_alpha={alpha!r} must be a finite number in [0, 0.999] (the "
+                     "random walk's α, below 1).")
   if train.get("loss") == "random_walk" and (
       m.variant != "released" or train.get("pos_per_anchor") != config.data.num_instances - 1):
     raise ValueError("train.loss = 'random_walk' trains the released variant on groups of "

@@ -3,22 +3,23 @@ train features as stage 2, query + gallery refined as one set at test time.
 docs/methods/nformer.md.
 
 Its configs keep `model.name = "embedding"` (stage 1 is an embedding run, loadable as one) and
-select this pipeline with `method = "nformer"`.
+select this pipeline with `method = "nformer"`; the registry builds its entry on the embedding
+method's (`method(stage1)`), which builds, trains and loads stage 1.
 """
-import dataclasses
+import functools
 
+from jaxreid.methods import Method
 from jaxreid.methods.nformer import convert, refine
-from jaxreid.methods.nformer.stage1 import STAGE1
 
 
-def _train(config, workdir, mesh=None):
+def _train(stage1, config, workdir, mesh=None):
   from jaxreid.methods.nformer import pipeline   # the training stack only when training
-  return pipeline.train_and_evaluate(config, workdir, mesh)
+  return pipeline.train_and_evaluate(config, workdir, stage1, mesh)
 
 
-def _evaluate(config, checkpoint, workdir=None, mesh=None):
+def _evaluate(stage1, config, checkpoint, workdir=None, mesh=None):
   from jaxreid.methods.nformer import pipeline
-  return pipeline.evaluate(config, checkpoint, workdir, mesh)
+  return pipeline.evaluate(config, checkpoint, stage1, workdir, mesh)
 
 
 def _refiner(config, checkpoint):
@@ -26,7 +27,12 @@ def _refiner(config, checkpoint):
   return pipeline.checkpoint_refiner(config, checkpoint)
 
 
-METHOD = dataclasses.replace(
-    STAGE1, convert=None, detect=convert.detect, train=_train, evaluate=_evaluate,
-    load=refine.load_nformer, refiner=_refiner,
-    describe=lambda m: "pooling gap, NFormer stage 2")
+def method(stage1: Method) -> Method:
+  """NFormer's entry on `stage1`, the method of its image model (its model and objectives are
+  stage 1's), with the hooks of the two-stage pipeline."""
+  return Method(name="nformer", kind=stage1.kind, build=stage1.build,
+                objectives=stage1.objectives, detect=convert.detect,
+                train=functools.partial(_train, stage1),
+                evaluate=functools.partial(_evaluate, stage1),
+                load=functools.partial(refine.load_nformer, build_stage1=stage1.build),
+                refiner=_refiner)

@@ -25,7 +25,6 @@ from jaxreid import parallel
 from jaxreid.checkpoint import Checkpointer, restore_for_eval
 from jaxreid.data import datasets, pipeline
 from jaxreid.eval.evaluator import evaluate_matcher, extract, write_results
-from jaxreid.methods.nformer.stage1 import STAGE1, build_stage1
 from jaxreid.methods.nformer.model import NFormer
 from jaxreid.methods.nformer.refine import STAGE2_DIR, build_head
 from jaxreid.methods.nformer.objective import (SETS, create_state, make_optimizer, sample_sets,
@@ -150,10 +149,10 @@ def checkpoint_refiner(config, checkpoint):
   return stage2_refiner(config, nf_vars)
 
 
-def _stage1(workdir: Path):
+def _stage1(workdir: Path, stage1_method):
   """(config, model, variables) of the stage-1 run in `workdir` (best, else latest)."""
   saved, variables = restore_for_eval(str(workdir))
-  return saved, build_stage1(saved), variables
+  return saved, stage1_method.build(saved), variables
 
 
 def augmented_features(config, model, variables, split, mesh, view: int) -> np.ndarray:
@@ -215,19 +214,23 @@ def train_features(config, nf, model, variables, mesh, workdir: Path, step: int)
   return features, split.labels, split.num_classes
 
 
-def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
-  """`python main.py --config configs/nformer.py`: stage 1 (train_and_evaluate, the "Res50"
-  numbers), stage 2 on its cached train features, evaluation with NFormer refinement.
+def train_and_evaluate(config, workdir: str, stage1_method, mesh=None) -> dict:
+  """`python main.py --config configs/nformer.py`: stage 1 (the training loop on the model of
+  `stage1_method`, the method of config.model.name: the "Res50" numbers), stage 2 on its cached
+  train features, evaluation with NFormer refinement.
   Returns (and writes to workdir/results.json) {"test": NFormer results per test set,
   "stage1": the stage-1 results, "paper": the NFormer paper's numbers, ...}; {} when stopped
   early by train.stop_at_step or nformer.stop_at_step."""
   workdir = Path(workdir)
   mesh = mesh or parallel.make_mesh()
   t0 = time.time()
-  stage1 = loop.train_and_evaluate(config, workdir, STAGE1, mesh=mesh)
+  # Stage 2 keeps checkpoints of its own, which stage 1's run never reads: a rerun may change
+  # the nformer.* fields.
+  stage1 = loop.train_and_evaluate(config, workdir, stage1_method, mesh=mesh,
+                                   resumable=("nformer.",))
   if not stage1:
     return {}
-  s1_config, model, variables = _stage1(workdir)
+  s1_config, model, variables = _stage1(workdir, stage1_method)
   if "test" not in stage1:       # stage 1 was already complete: evaluate it again
     stage1 = {**evaluate_matcher(s1_config, model, variables, mesh), **stage1}
   t1 = time.time()
@@ -279,13 +282,14 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
   return results
 
 
-def evaluate(config, checkpoint: str, workdir: str | None = None, mesh=None) -> dict:
-  """--mode=eval for NFormer: the stage-1 run in `checkpoint` (a workdir) with the stage-2 head
-  of checkpoint/nformer, evaluated with refinement ("test") and without ("stage1"); written to
-  workdir/results.json when a workdir is given."""
+def evaluate(config, checkpoint: str, stage1_method, workdir: str | None = None,
+             mesh=None) -> dict:
+  """--mode=eval for NFormer: the stage-1 run in `checkpoint` (a workdir; `stage1_method`: the
+  method of its model) with the stage-2 head of checkpoint/nformer, evaluated with refinement
+  ("test") and without ("stage1"); written to workdir/results.json when a workdir is given."""
   checkpoint = Path(checkpoint)
   mesh = mesh or parallel.make_mesh()
-  s1_config, model, variables = _stage1(checkpoint)
+  s1_config, model, variables = _stage1(checkpoint, stage1_method)
   stage1 = evaluate_matcher(s1_config, model, variables, mesh)
   results = evaluate_matcher(s1_config, model, variables, mesh, workdir=workdir,
                              refine=checkpoint_refiner(config, checkpoint))

@@ -7,10 +7,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxreid import models
+from jaxreid import models, official
 from jaxreid.methods.nformer.convert import nformer_from_official
 from jaxreid.methods.nformer.model import NFormer
-from jaxreid.methods.nformer.stage1 import build_stage1
 from jaxreid.nn.norms import l2_normalize
 from jaxreid.weights import check_variables, flatten_state, read_state_dict
 
@@ -25,20 +24,23 @@ def build_head(nf, num_classes: int | None = None) -> NFormer:
                  block=int(nf.block), dropout=float(nf.get("dropout", 0.0)))
 
 
-def stage1_from_official(state, input_size=(256, 128)):
-  """(config, stage-1 module, variables) of the official `Baseline` in `state` (bare, or the
-  'backbone.*' half of the release file); see `models.baseline_from_official`."""
-  overrides, variables = models.baseline_from_official(state, input_size)
+def stage1_from_official(state, build_stage1, input_size=(256, 128)):
+  """(config, stage-1 module from `build_stage1(config)`, variables) of the official `Baseline`
+  in `state` (bare, or the 'backbone.*' half of the release file); see
+  `official.baseline_from_official`."""
+  overrides, variables = official.baseline_from_official(state, input_size)
   config = ml_collections.ConfigDict(dict(
       model=dict(backbone="resnet", **overrides["model"]), data=overrides["data"],
       train=dict(bf16=False)))
   return config, build_stage1(config), variables
 
 
-def load_nformer(checkpoint, *, heads: int = 2, input_size=(256, 128)) -> "NFormerModel":
+def load_nformer(checkpoint, *, build_stage1, heads: int = 2,
+                 input_size=(256, 128)) -> "NFormerModel":
   """The NFormer of `checkpoint`: the official release file (`nformer_model.pth`: 'backbone.*'
   the stage-1 `Baseline`, 'nformer.*' the head; layers, dim and ffn read from the shapes,
-  `heads` is not in it) with `encode` (stage 1, images of `input_size`) and `refine`; a bare
+  `heads` is not in it) with `encode` (stage 1 of `build_stage1(config)`, images of
+  `input_size`) and `refine`; a bare
   NFormer state dict (refine only); or a jaxreid NFormer run: its workdir, its `nformer/`
   directory or a checkpoint directory in it (refine only)."""
   path = Path(os.path.expanduser(str(checkpoint)))
@@ -55,7 +57,7 @@ def load_nformer(checkpoint, *, heads: int = 2, input_size=(256, 128)) -> "NForm
       raise
     stage1 = None
     try:
-      stage1 = stage1_from_official(state, input_size)
+      stage1 = stage1_from_official(state, build_stage1, input_size)
     except ValueError as e:
       if "no reid-strong-baseline stage-1 model" not in str(e):
         raise

@@ -16,7 +16,7 @@ def _prepare(config, state, split, mesh, log):
 
 
 METHOD = Method(name="pat", kind="embedding", build=build,
-                objectives={"pat": objective.PAT._replace(prepare=_prepare)}, convert=convert.convert, detect=convert.detect, export=convert.export,
+                objectives={"pat": objective.PAT._replace(prepare=_prepare)},
+                convert=convert.convert, detect=convert.detect, export=convert.export,
                 input_size=(256, 128),
-                describe=lambda m: f"ViT {m.get('vit_dim')}×{m.get('vit_depth')}, "
-                                   f"stride {m.get('stride_size')}")
+                describe=lambda m: f"{m.get('part_tokens', 0)} part tokens")

@@ -129,11 +129,9 @@ def _loss(model, variables, state, batch, train_cfg):
   return value, (upd["batch_stats"], memory, metrics)
 
 
-def _init_memory(config, params, num_classes: int, rng) -> dict:
-  n = int(config.train.get("num_images", 0))
-  if n < 1:
-    raise ValueError("train.num_images must be the number of training images (PAT's part "
-                     "memory bank has one slot per image); the training loop sets it.")
+def _init_memory(config, params, num_classes: int, num_images: int, rng) -> dict:
+  """The part memory bank: one slot per training image."""
+  n = int(num_images)
   dim = params["encoder"]["backbone"]["cls_token"].shape[-1]
   return {"bank": jnp.zeros((3, n, dim), jnp.float32), "filled": jnp.zeros((n,), bool),
           "labels": jnp.zeros((n,), jnp.int32)}

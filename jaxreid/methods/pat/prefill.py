@@ -4,8 +4,8 @@ Before epoch 1 the official trainer runs the initial model (ImageNet weights, tr
 part regions per batch and drop path; no autocast, so float32; no gradients) over one pass of the
 training loader (its sampler and training augmentation) and stores every visited image's
 last-layer part tokens in the bank with the bank's own update rule (first visit stores, a repeated
-image is blended with momentum). `train.pat.prefill` turns this on (the PAT objective's `prepare`, set in `__init__`);
-training then starts from that bank. A resumed run takes its bank from the checkpoint.
+image is blended with momentum). `train.pat.prefill` turns this on (the PAT objective's
+`prepare`, set in `__init__`); training then starts from that bank. A resumed run takes its bank from the checkpoint.
 
 The pass draws its own batches: the training sampler and augmentation under the seed
 `config.seed + PREFILL_SEED`, and per batch b the keys of `prefill_rngs`.
@@ -19,7 +19,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxreid import parallel
-from jaxreid.data import pipeline
+from jaxreid.data import pipeline, samplers
 from jaxreid.methods.pat.objective import PAT, update_bank
 from jaxreid.methods.pat.model import build
 from jaxreid.train import loop
@@ -72,9 +72,10 @@ def prefilled_memory(config, split, mesh, state=None) -> dict:
   model = build(c)
   if state is None:
     state = loop.create_train_state(config, build(config), optax.identity(), PAT,
-                                    split.num_classes, jax.random.key(config.seed))
+                                    split.num_classes, len(split.labels),
+                                    jax.random.key(config.seed))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  sampler = loop.make_sampler(c, split)
+  sampler = samplers.make_sampler(c, split)
   plan = loop.epoch_plan(c, sampler, model, state, split, mesh, 0)
   d = config.data
   return fill_bank(model, variables, state.memory, split, plan, seed=c.seed, height=d.height,

@@ -6,7 +6,8 @@ import numpy as np
 
 from jaxreid.backbones.resnet import infer_architecture, layers_fitting, resnet_from_torch
 from jaxreid.methods import has_key
-from jaxreid.models import encoder_to_official, feature_map_size, neck_variables, split_official
+from jaxreid.models import feature_map_size
+from jaxreid.official import encoder_to_official, neck_variables, split_official
 from jaxreid.weights import (DEFAULT_INPUT_SIZE, conv_kernel, flatten_state, some, strip_prefix,
                              torch_batch_norm, torch_linear)
 

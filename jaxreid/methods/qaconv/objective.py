@@ -59,7 +59,7 @@ def _memory_loss(model, variables, state, batch, train_cfg):
   return value, (upd["batch_stats"], jax.lax.stop_gradient(maps), {"accuracy": accuracy})
 
 
-def _init_memory(config, params, num_classes: int, rng) -> dict:
+def _init_memory(config, params, num_classes: int, num_images: int, rng) -> dict:
   h, w = feature_map_size(config.model, config.data.height, config.data.width)
   return init_class_memory(num_classes, (h, w, config.model.neck))
 

@@ -7,7 +7,8 @@ import numpy as np
 
 from jaxreid.backbones.resnet import infer_architecture, layers_fitting, resnet_from_torch
 from jaxreid.methods import has_key
-from jaxreid.models import encoder_to_official, feature_map_size, neck_variables, split_official
+from jaxreid.models import feature_map_size
+from jaxreid.official import encoder_to_official, neck_variables, split_official
 from jaxreid.nn.transformer import encoder_layer_from_torch, encoder_layer_to_torch
 from jaxreid.weights import (DEFAULT_INPUT_SIZE, batch_norm, count_layers, linear, some,
                              torch_batch_norm, torch_linear)

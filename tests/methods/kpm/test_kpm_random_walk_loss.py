@@ -12,7 +12,6 @@ from jaxreid import registry
 from jaxreid.methods.kpm import objective
 from jaxreid.methods.kpm.convert import kpm_to_torch
 from jaxreid.methods.kpm.model import KPMMatcher
-from jaxreid.train import preflight
 from jaxreid.train.loop import create_train_state, make_train_step
 from jaxreid.train.optim import make_optimizer
 
@@ -139,7 +138,7 @@ def test_released_train_step_and_optimizer_groups():
   method = registry.method_of(config)
   tx = make_optimizer(config.train, steps_per_epoch=10)
   obj = method.objectives[config.train.loss]
-  state = create_train_state(config, model, tx, obj, 2, jax.random.key(0))
+  state = create_train_state(config, model, tx, obj, 2, 8, jax.random.key(0))
   batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 64, 32, 3)),
                                 jnp.uint8),
            "label": jnp.asarray([0, 0, 0, 0, 1, 1, 1, 1], jnp.int32),
@@ -158,7 +157,7 @@ def test_bad_random_walk_settings_are_one_sentence():
   config = kpm.get_config("released")
   config.train.rw_alpha = 1.0
   with pytest.raises(ValueError, match=r"train.rw_alpha=1.0 must be a finite number in \[0, "):
-    preflight.validate(config, "pairwise")
+    registry.build_model(config)
   config = kpm.get_config("released")
   config.model.variant = "paper"
   with pytest.raises(ValueError, match="set model.variant = 'released'"):

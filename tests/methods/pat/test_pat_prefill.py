@@ -16,10 +16,10 @@ from scipy.special import erf
 from configs import pat
 from jaxreid import registry
 from jaxreid.data import datasets, pipeline
+from jaxreid.data.samplers import make_sampler
 from jaxreid.methods.pat import model as pat_model
 from jaxreid.methods.pat import prefill
 from jaxreid.models import init_variables
-from jaxreid.train.loop import make_sampler
 from test_pat import rule_mask
 
 

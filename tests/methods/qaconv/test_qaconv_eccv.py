@@ -114,7 +114,7 @@ def test_full_size_eccv_model_by_shapes():
   assert abstract["batch_stats"]["encoder"]["neck_bn"]["var"].shape == (128,)
   assert abstract["params"]["matcher"]["fc"]["kernel"].shape == (2 * 24 * 8, 1)
   assert "IN" not in str(jax.tree_util.tree_structure(enc["backbone"]))
-  memory = jax.eval_shape(lambda: CLASS_MEMORY.init_memory(config, None, 751, None))
+  memory = jax.eval_shape(lambda: CLASS_MEMORY.init_memory(config, None, 751, 12936, None))
   assert memory["features"].shape == (751, 24, 8, 128)
   batch = {"image": jax.ShapeDtypeStruct((32, 384, 128, 3), jnp.uint8),
            "label": jax.ShapeDtypeStruct((32,), jnp.int32)}
@@ -379,7 +379,7 @@ def test_tiny_eccv_recipe_trains(tmp_path):
   config.data.update(height=64, width=32, batch_size=8)
   model = registry.build_model(config)
   tx = make_optimizer(config.train, steps_per_epoch=10)
-  state = create_train_state(config, model, tx, CLASS_MEMORY, num_classes=6,
+  state = create_train_state(config, model, tx, CLASS_MEMORY, num_classes=6, num_images=12,
                              rng=jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 64, 32, 3)), jnp.uint8),

@@ -94,7 +94,8 @@ def test_bf16_compute_trains_with_float32_parameters():
   model = build_model(config)
   tx = make_optimizer(config.train, steps_per_epoch=10)
   objective = registry.method_of(config).objectives[config.train.loss]
-  state = create_train_state(config, model, tx, objective, num_classes=4, rng=jax.random.key(0))
+  state = create_train_state(config, model, tx, objective, num_classes=4, num_images=8,
+                             rng=jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 64, 32, 3)), jnp.uint8),
            "label": jnp.asarray(np.repeat(np.arange(4), 2), jnp.int32)}

@@ -190,7 +190,7 @@ def test_one_train_step(config_module, synthetic_data_dir):
   tx = make_optimizer(config.train, steps_per_epoch=10)
   objective = registry.method_of(config).objectives[config.train.loss]
   state = create_train_state(config, model, tx, objective, num_classes=split.num_classes,
-                             rng=jax.random.key(0))
+                             num_images=len(split.labels), rng=jax.random.key(0))
   # Backbone vs new layers (lr), feature side vs scorer (clipping), whatever the groups' names.
   groups = lambda tree: set(jax.tree.leaves(tree))
   lr, clip = _group_labels(state.params, LR_GROUPS), _group_labels(state.params, CLIP_GROUPS)

@@ -171,7 +171,8 @@ def test_flipped_switches_train_one_step():
   model = build_model(config)
   tx = make_optimizer(config.train, steps_per_epoch=10)
   objective = registry.method_of(config).objectives[config.train.loss]
-  state = create_train_state(config, model, tx, objective, num_classes=4, rng=jax.random.key(0))
+  state = create_train_state(config, model, tx, objective, num_classes=4, num_images=8,
+                             rng=jax.random.key(0))
   labels = _group_labels(state.params, LR_GROUPS)
   assert labels["encoder"]["layers_0"]["in_proj"]["kernel"] == "new"
   assert labels["encoder"]["pos_embed"] == "new"
