@@ -1,8 +1,12 @@
 """notebooks/colab_tpu.ipynb runs top to bottom on CPU with a tiny setting (two forced host
 devices, so the batch is really sharded): it trains, stops, resumes, evaluates, restores the
-checkpoint for evaluation and shows the pictures inline. Nothing is installed or downloaded: the
-parameters cell is followed by an injected one (papermill's convention) that uses the checkout
-in place, a tiny model and the session's synthetic_reid."""
+checkpoint for evaluation and shows the pictures inline. Nothing is downloaded: the parameters
+cell is followed by an injected one (papermill's convention) whose SOURCE is this checkout, so
+the install cell runs pip on its requirements.txt (all in place already; proxies that refuse
+make any download fail at once) and imports jaxreid in place, with a tiny model and the
+session's synthetic_reid. The shipped placeholder SOURCE stops the notebook with one sentence,
+and every kind of SOURCE maps to a pip command that installs the dependencies."""
+import ast
 import base64
 import json
 import re
@@ -10,7 +14,9 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab_tpu.ipynb"
@@ -65,20 +71,100 @@ def _maps(text: str, prefix: str) -> list[float]:
   return [float(m) for m in re.findall(rf"^{prefix}.*?mAP (\d+\.\d+)", text, re.M)]
 
 
-def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch, synthetic_data_dir):
+def _offline_kernel(tmp_path, monkeypatch) -> None:
+  """The test kernel for NotebookClient, with every download failing at once."""
   monkeypatch.setenv("JUPYTER_PATH", str(_kernel_spec(tmp_path / "jupyter")))
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-    monkeypatch.setenv(proxy, "http://127.0.0.1:9")   # any download attempt fails at once
+    monkeypatch.setenv(proxy, "http://127.0.0.1:9")
   monkeypatch.setenv("no_proxy", "")
   monkeypatch.setenv("NO_PROXY", "")
+
+
+def _one_sentence(text: str) -> bool:
+  """One line holding one sentence: a full stop at the end and no sentence break before it."""
+  return "\n" not in text and text.endswith(".") and not re.search(r"[.!?]\s", text)
+
+
+def _install_definitions() -> dict:
+  """What the install cell defines (its imports, constants, Stop, install_plan, …), run without
+  the statements after them that call pip."""
+  source = _cell(nbformat.read(NOTEBOOK, as_version=4), "def install_plan(").source
+  body = ast.parse(source).body
+  definitions = (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef)
+  count = next(i for i, node in enumerate(body) if not (
+      isinstance(node, definitions) or isinstance(node, ast.Assign)
+      and isinstance(node.value, (ast.Constant, ast.Tuple))))
+  assert any(isinstance(node, ast.With) for node in body[count:])   # the pip call is left out
+  namespace = {}
+  exec(compile(ast.Module(body[:count], type_ignores=[]), str(NOTEBOOK), "exec"), namespace)
+  return namespace
+
+
+def test_placeholder_source_stops_with_one_sentence(tmp_path, monkeypatch):
+  """The notebook as shipped, run as on a fresh runtime: the install cell shows one sentence
+  (no traceback, no pip run) and nothing after it runs."""
+  _offline_kernel(tmp_path, monkeypatch)
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  client = NotebookClient(nb, timeout=120, kernel_name=KERNEL,
+                          resources={"metadata": {"path": str(tmp_path)}})
+  with pytest.raises(CellExecutionError):
+    client.execute()
+  install = _cell(nb, "def install_plan(")
+  assert [out.output_type for out in install.outputs] == ["error"], install.outputs
+  error = install.outputs[0]
+  assert error.ename == "Stop" and len(error.traceback) == 1, error
+  sentence = error.traceback[0]
+  assert _one_sentence(sentence), sentence
+  assert sentence.startswith("SOURCE is still the placeholder: set it in the parameters cell")
+  after = nb.cells[nb.cells.index(install) + 1:]
+  assert not [c for c in after if c.cell_type == "code" and (c.outputs or c.execution_count)]
+
+
+def test_each_source_installs_jaxreid_and_its_dependencies(tmp_path):
+  definitions = _install_definitions()
+  install_plan, stop = definitions["install_plan"], definitions["Stop"]
+  git = "git+https://github.com/someone/jaxreid.git@v0.1.0"
+  url = "https://github.com/someone/jaxreid/archive/refs/heads/main.zip"
+  files = [tmp_path / name for name in ("jaxreid-0.1.0-py3-none-any.whl", "jaxreid.zip",
+                                        "jaxreid-main.tar.gz", "jaxreid.tgz")]
+  for path in files:
+    path.write_bytes(b"")
+  pip = [sys.executable, "-m", "pip", "install"]
+  for tpu in (False, True):
+    for source in [git, url] + [str(path) for path in files]:
+      command, in_place = install_plan(source, tpu)
+      # pip installs a package with the dependencies in its metadata unless told otherwise.
+      assert command[:4] == pip and source in command and in_place is None, command
+      assert not {"--no-deps", "--no-index", "-e", "--editable"} & set(command), command
+      assert ("jax[tpu]" in command) == tpu, command
+    # A checkout: its requirements (the same as pyproject's dependencies, test_dependencies.py)
+    # are installed and the folder is imported in place.
+    command, in_place = install_plan(f" {ROOT} ", tpu)
+    assert command[:4] == pip and in_place == str(ROOT), (command, in_place)
+    assert command[command.index("-r") + 1] == str(ROOT / "requirements.txt"), command
+    assert ("jax[tpu]" in command) == tpu, command
+  (tmp_path / "jaxreid.txt").write_text("")
+  for source, start in [(definitions["PLACEHOLDER"], "SOURCE is still the placeholder"),
+                        (tmp_path / "missing.whl", f"SOURCE {tmp_path}/missing.whl is neither"),
+                        (tmp_path, f"SOURCE {tmp_path} is a folder without requirements.txt"),
+                        (tmp_path / "jaxreid.txt", f"SOURCE {tmp_path}/jaxreid.txt is not a")]:
+    with pytest.raises(stop) as stopped:
+      install_plan(source, False)
+    message = str(stopped.value)
+    assert message.startswith(start) and _one_sentence(message), message
+    assert stopped.value._render_traceback_() == [message]   # what IPython shows: that alone
+
+
+def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch, synthetic_data_dir):
+  _offline_kernel(tmp_path, monkeypatch)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   workdir = tmp_path / "run"
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
   stale = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.outputs]
   assert not stale, f"cells {stale} of {NOTEBOOK.name} are stored with outputs; clear them"
-  _inject(nb, dict(INSTALL=False, PACKAGE=str(ROOT), MOUNT_DRIVE=False,
+  _inject(nb, dict(SOURCE=str(ROOT), MOUNT_DRIVE=False,
                    DATA_DIR=synthetic_data_dir, WORKDIR=str(workdir), OVERRIDES=TINY,
                    STOP_AT_STEP=STOP, NUM_PAIRS=2, NUM_MATCHES=8, RANK_LIST_LENGTH=5,
                    MAX_PICTURES=2))
@@ -87,10 +173,13 @@ def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch, synthetic_data_dir):
   nbformat.write(nb, tmp_path / "executed.ipynb")   # for a look after a failure
 
   install = _text(_cell(nb, "print(\"jaxreid from\""))
+  assert f"$ {sys.executable} -m pip install " in install, install
+  assert f" -r {ROOT / 'requirements.txt'}" in install, install
   assert f"python {sys.executable}" in install and f"jaxreid from {ROOT / 'jaxreid'}" in install
   devices = _text(_cell(nb, "jax.devices()"))
   assert "devices: [CpuDevice(id=0), CpuDevice(id=1)]" in devices, devices
   assert "2 CPU device(s)" in devices
+  assert "2 devices: every batch is split 2 ways along its first axis" in devices, devices
   config = _text(_cell(nb, "make_mesh()"))
   assert "each batch of 16 is sharded as 8 image(s) per device over 2 device(s)" in config, config
   assert "synthetic_reid" in _text(_cell(nb, "build_datasets(config)"))
