@@ -115,6 +115,18 @@ def create_train_state(config, model, tx, objective: Objective, num_classes: int
                     memory=memory, rng=state_rng)
 
 
+def fill_from_train_split(config, train_split) -> None:
+  """Sets the fields a run takes from its training split when the config leaves them 0: the
+  classifier's width (model.num_classes) and an objective's per-image memory size
+  (train.num_images, PAT's part bank)."""
+  if "num_classes" in config.model and not config.model.num_classes:
+    with config.unlocked():  # the classifier covers the training ids; saved with the config
+      config.model.num_classes = train_split.num_classes
+  if "num_images" in config.train and not config.train.num_images:
+    with config.unlocked():
+      config.train.num_images = len(train_split.labels)
+
+
 def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
   """A copy of `tree` with tree[path] replaced by `new` (shapes must agree)."""
   old = tree
@@ -445,12 +457,7 @@ def train_and_evaluate(config, workdir: str, method, mesh=None) -> dict:
   datasets.resolve(config)
   train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir,
                                     manual_dir=config.dataset.manual_dir)
-  if "num_classes" in config.model and not config.model.num_classes:
-    with config.unlocked():  # the classifier covers the training ids; saved with the config
-      config.model.num_classes = train_split.num_classes
-  if "num_images" in config.train and not config.train.num_images:
-    with config.unlocked():  # the size of an objective's per-image memory (PAT's part bank)
-      config.train.num_images = len(train_split.labels)
+  fill_from_train_split(config, train_split)
   workdir.mkdir(parents=True, exist_ok=True)
   log = file_logger(workdir)
   (workdir / "config.json").write_text(config.to_json(indent=2))
