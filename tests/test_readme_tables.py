@@ -1,6 +1,9 @@
-"""The README's generated blocks equal their render from bench/results/ (bench/readme_tables.py):
-a number typed by hand, or a result file changed without re-rendering, fails here."""
+"""The README's generated blocks and docs/results.md equal their render from bench/results/
+(bench/readme_tables.py): a number typed by hand, or a result file changed without re-rendering,
+fails here."""
 import importlib.util
+import json
+import re
 
 from conftest import ROOT
 
@@ -12,10 +15,23 @@ def _tables():
   return module
 
 
+def _bump_bold_number(text: str, start: int, end: int) -> str:
+  """`text` with the first bold number (a table's mAP) in text[start:end] changed."""
+  match = re.compile(r"\*\*\d").search(text, start, end)
+  assert match, "no measured row to edit: bench/results/zoo.jsonl has no runs"
+  i = match.start() + 2
+  return text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:]
+
+
 def test_readme_blocks_are_rendered_from_the_result_files():
   tables = _tables()
   text = (ROOT / "README.md").read_text()
   assert tables.render(text) == text, "run python bench/readme_tables.py"
+
+
+def test_docs_results_is_rendered_from_the_zoo_records():
+  assert (ROOT / "docs/results.md").read_text() == _tables().results_md(), (
+      "run python bench/readme_tables.py")
 
 
 def test_a_hand_edit_is_caught():
@@ -24,3 +40,29 @@ def test_a_hand_edit_is_caught():
   start = text.index("<!-- generated:input_pipeline -->")
   edited = text[:start] + text[start:].replace("| **", "| **9", 1)
   assert edited != text and tables.render(edited) == text
+  # A number in a zoo table (the README's and docs/results.md's).
+  edited = _bump_bold_number(text, text.index("<!-- generated:zoo_qaconv -->"),
+                             text.index("<!-- end:zoo_pat -->"))
+  assert edited != text and tables.render(edited) == text
+  docs = (ROOT / "docs/results.md").read_text()
+  edited = _bump_bold_number(docs, 0, len(docs))
+  assert edited != docs and tables.results_md() == docs
+
+
+def test_partial_and_failed_zoo_records_render(tmp_path):
+  """While the zoo is being run, a missing entry renders as "not run yet", a failed one as
+  failed, and the check still compares the whole render."""
+  machine = {"kind": "machine", "run": "r1", "date": "2026-01-01", "cpu": "some CPU", "cores": 2,
+             "load_before": [1.0, 1.0, 1.0], "load_after": [2.0, 1.0, 1.0], "jax": "0.0",
+             "backend": "cpu", "device_kind": "cpu", "device_count": 1, "commit": "abc1234",
+             "dirty": False, "compilation_cache": None, "smoke": False}
+  failed = {"kind": "run", "run": "r1", "name": "kpm", "error": "exit status 1", "smoke": False,
+            "overrides": {}}
+  path = tmp_path / "zoo.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in (machine, failed)) + "\n")
+  tables = _tables()
+  docs = tables.results_md(path)
+  assert "| `kpm` | failed (exit status 1) |" in docs and "| `pat` | not run yet |" in docs
+  table = tables.zoo_table(["kpm", "pat"], *tables.zoo_records(path))
+  assert "| failed (exit status 1) |" in table and "| not run yet |" in table
+  assert "2026-01-01 on some CPU (2 cores, load average 1.0 before, 2.0 after)" in table

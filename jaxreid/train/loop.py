@@ -117,6 +117,14 @@ def create_train_state(config, model, tx, objective: Objective, num_classes: int
                     memory=memory, rng=state_rng)
 
 
+def fill_from_train_split(config, train_split) -> None:
+  """Sets model.num_classes (the classifier's width) from the training split when the config
+  leaves it 0; it is saved with the config."""
+  if "num_classes" in config.model and not config.model.num_classes:
+    with config.unlocked():
+      config.model.num_classes = train_split.num_classes
+
+
 def _replace_subtree(tree: dict, path: tuple[str, ...], new) -> dict:
   """A copy of `tree` with tree[path] replaced by `new` (shapes must agree)."""
   old = tree
@@ -430,9 +438,7 @@ def train_and_evaluate(config, workdir: str, method, mesh=None, *,
   datasets.resolve(config)
   train_split = datasets.load_train(config.dataset.train, data_dir=config.dataset.data_dir,
                                     manual_dir=config.dataset.manual_dir)
-  if "num_classes" in config.model and not config.model.num_classes:
-    with config.unlocked():  # the classifier covers the training ids; saved with the config
-      config.model.num_classes = train_split.num_classes
+  fill_from_train_split(config, train_split)
   workdir.mkdir(parents=True, exist_ok=True)
   log = file_logger(workdir)
   (workdir / "config.json").write_text(config.to_json(indent=2))
