@@ -193,9 +193,9 @@ def run_entry(entry: Entry, root: str, overrides: dict, cache: str) -> dict:
     return record
   results = _read_results(workdir)
   (test, metrics), *more = results["test"].items()
-  eval_s = _eval_seconds(results)
+  eval_s = round(_eval_seconds(results), 1)   # the shown train + eval add up to the wall time
   record.update(test_set=test, **_metrics(metrics), step=results.get("step"),
-                eval_s=round(eval_s, 1), train_s=round(wall - eval_s, 1))
+                eval_s=eval_s, train_s=round(record["wall_s"] - eval_s, 1))
   if "rows" in metrics:
     record["rows"] = {row: _metrics(m) for row, m in metrics["rows"].items()}
   if more:
