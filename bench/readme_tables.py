@@ -7,7 +7,8 @@ tests/test_readme_tables.py fails when either differs from its render.
   python bench/readme_tables.py --check    # exit 1 when either is out of date
 
 Blocks: `input_pipeline` from bench/results/input_pipeline.jsonl (bench/bench_input_pipeline.py
---out …); `zoo_qaconv`, `zoo_transmatcher`, `zoo_kpm`, `zoo_nformer`, `zoo_pat` and
+--out …); `test_suite` from bench/results/test_suite.jsonl (bench/suite.py); `quickstart` (the
+transmatcher entry), `postprocessing` (the qaconv_gs entry's post-evaluation), `zoo_qaconv`, `zoo_transmatcher`, `zoo_kpm`, `zoo_nformer`, `zoo_pat` and
 docs/results.md from bench/results/zoo.jsonl (bench/zoo.py --out …), each entry's last record.
 """
 import argparse
@@ -290,7 +291,61 @@ def results_md(path: pathlib.Path | None = None) -> str:
   return "\n".join(lines) + "\n"
 
 
-BLOCKS = {"input_pipeline": input_pipeline,
+POST_ROWS = {"plain": "QAConv-GS", "+TLift": "+ TLift", "+RR": "+ RR", "+RR+TLift": "+ RR + TLift"}
+
+
+def postprocessing() -> str:
+  """The re-ranking / TLift table: the zoo's --mode=eval of its trained QAConv-GS run."""
+  machines, runs = zoo_records()
+  return postprocessing_table(runs.get("qaconv_gs"), machines)
+
+
+def postprocessing_table(r: dict | None, machines: dict) -> str:
+  post = (r or {}).get("post")
+  if post is None or "error" in post:
+    return ("Not measured yet: `python bench/zoo.py --only qaconv_gs --append`, then "
+            "`python bench/readme_tables.py`.")
+  lines = [f"{_measured([r], machines)} Command: `{post['command']}` on that run's checkpoint; "
+           "*seconds*: the row's post-processing and metrics.", "",
+           "| | R1 | R5 | R10 | mAP | mINP | seconds |", "|---|---|---|---|---|---|---|"]
+  for row, m in post["rows"].items():
+    lines.append(f"| {POST_ROWS.get(row, row)} | {_pct(m['R1'])} | {_pct(m['R5'])} | "
+                 f"{_pct(m['R10'])} | {_pct(m['mAP'], bold=True)} | {_pct(m['mINP'])} | "
+                 f"{m['seconds']:.2f} |")
+  return "\n".join(lines)
+
+
+def quickstart() -> str:
+  """The quick start's time: the zoo's record of the command it shows (configs/transmatcher.py)."""
+  machines, runs = zoo_records()
+  r = runs.get("transmatcher")
+  if r is None or "error" in r or r.get("smoke"):
+    return "Its time is not measured yet (`python bench/zoo.py --only transmatcher`)."
+  m = machines.get(r["run"], {})
+  where = f"{m['cpu']}, {m['cores']} cores" if m else "the zoo's machine"
+  return (f"It took {_time(r['wall_s'])} in the zoo's run of {r['date']} ({where}, no "
+          f"download, compiling included: {_time(r['train_s'])} to train, {_time(r['eval_s'])} "
+          f"to evaluate) and reached mAP {r['mAP']:.2f} on {r['test_set']} "
+          f"([docs/results.md](docs/results.md)).")
+
+
+def test_suite() -> str:
+  """The test suite's size and time: the last record of `python bench/suite.py`."""
+  records = _records("test_suite") if (RESULTS / "test_suite.jsonl").exists() else []
+  if not records:
+    return "Not timed yet: `python bench/suite.py` runs it and records its size and time."
+  r = records[-1]
+  bad = r["failures"] + r["errors"]
+  outcome = "all passed" if not bad and not r["exit_status"] else (
+      f"{r['tests'] - bad - r['skipped']} passed, {bad} failed")
+  dirty = " with uncommitted changes" if r["dirty"] else ""
+  return (f"Its last full run (`python bench/suite.py`, {r['date']}, commit {r['commit']}{dirty}): "
+          f"{r['tests']} tests, {outcome}, in {_time(r['wall_s'])} on {r['cpu']} "
+          f"({r['cores']} cores).")
+
+
+BLOCKS = {"input_pipeline": input_pipeline, "quickstart": quickstart, "test_suite": test_suite,
+          "postprocessing": postprocessing,
           **{name: (lambda names: lambda: zoo_table(names, *zoo_records()))(names)
              for name, names in ZOO_BLOCKS.items()}}
 DOCS = {"docs/results.md": results_md}

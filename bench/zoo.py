@@ -9,7 +9,8 @@ renders docs/results.md and the README's result tables from that file.
 
 Per entry it runs `python main.py --config CONFIG --workdir ROOT/NAME [--config.FIELD=VALUE …]`
 and then `python bench/zoo_untrained.py` with the same config in ROOT/NAME-untrained (the model
-the training starts from, evaluated the same way). Recorded: the first test set's R1, R5, R10,
+the training starts from, evaluated the same way); an entry with post_eval fields also gets a
+`--mode=eval` of its trained run with them (QAConv-GS with re-ranking and TLift) in ROOT/NAME-post. Recorded: the first test set's R1, R5, R10,
 mAP, mINP (and post-processed rows, NFormer's stage-1 numbers) from the run's results.json; the
 untrained model's; wall_s, the training command's wall clock (start-up, training, evaluation);
 eval_s, the seconds results.json gives its evaluations (encoding, scoring and metrics, compiling
@@ -40,6 +41,7 @@ class Entry(NamedTuple):
   overrides: dict            # field → value, passed as --config.FIELD=VALUE
   family: str                # the docs/results.md section (FAMILIES)
   label: str                 # what the row is, in a few words
+  post_eval: dict = {}       # fields of a --mode=eval of the trained run (RR, TLift), recorded
 
 
 FAMILIES = {
@@ -53,7 +55,8 @@ FOUR_EPOCHS = {"train.epochs": "4", "train.lr_step_epochs": "(3,)"}
 RAW = {"model.normalize": "False"}
 ENTRIES = (
     Entry("qaconv_gs", "configs/qaconv_gs.py", {}, "qaconv",
-          "QAConv-GS (GS sampler, pairwise BCE, 12 epochs)"),
+          "QAConv-GS (GS sampler, pairwise BCE, 12 epochs)",
+          {"eval.rerank": "True", "eval.tlift": "True"}),
     Entry("qaconv", "configs/qaconv.py", {}, "qaconv",
           "QAConv (class memory, focal loss, 20 epochs)"),
     Entry("transmatcher", "configs/transmatcher.py", {}, "transmatcher", "TransMatcher"),
@@ -175,6 +178,27 @@ def _read_results(workdir: str) -> dict:
     return json.load(f)
 
 
+def post_evaluate(entry: Entry, workdir: str, common: list[str], root: str) -> dict:
+  """`--mode=eval` of the trained `workdir` with the entry's post_eval fields (re-ranking,
+  TLift), into workdir-post: every row of its first test set with the row's seconds."""
+  post_dir = workdir + "-post"
+  log = os.path.join(root, f"{entry.name}-post.log")
+  rc, wall, rss = run_child([sys.executable, "main.py", "--mode=eval", f"--checkpoint={workdir}",
+                             f"--workdir={post_dir}", *common, *_flags(entry.post_eval)], log)
+  post = {"overrides": dict(entry.post_eval), "wall_s": round(wall, 1),
+          "peak_rss_mb": round(rss), "log": log,
+          "command": display_command(entry.config, entry.post_eval) + " --mode=eval"}
+  if rc != 0:
+    with open(log, errors="replace") as f:
+      post.update(error=f"exit status {rc}", log_tail=f.read()[-2000:])
+    return post
+  test, metrics = next(iter(_read_results(post_dir)["test"].items()))
+  post.update(test_set=test, rows={
+      row: {**_metrics(m), "seconds": round(m.get("seconds", 0.0), 2)}
+      for row, m in metrics.get("rows", {"plain": metrics}).items()})
+  return post
+
+
 def run_entry(entry: Entry, root: str, overrides: dict, cache: str) -> dict:
   """Trains and evaluates one entry, then evaluates its untrained model: the record."""
   workdir = os.path.join(root, entry.name)
@@ -204,6 +228,8 @@ def run_entry(entry: Entry, root: str, overrides: dict, cache: str) -> dict:
     record["stage1"] = _metrics(results["stage1"]["test"][test])
   if isinstance(results.get("seconds"), dict):
     record["seconds"] = results["seconds"]
+  if entry.post_eval:
+    record["post"] = post_evaluate(entry, workdir, common, root)
   untrained_dir = workdir + "-untrained"
   log = os.path.join(root, f"{entry.name}-untrained.log")
   rc, wall, rss = run_child([sys.executable, "bench/zoo_untrained.py",
@@ -312,9 +338,11 @@ def main(argv=None) -> int:
     records.append(record)
     host["load_after"] = [round(x, 2) for x in os.getloadavg()]
     write(args.out, kept, records)
-    if "error" in record or "error" in record["untrained"]:
+    failed_part = next((part for part in (record, record.get("post", {}),
+                                          record.get("untrained", {})) if "error" in part), None)
+    if failed_part is not None:
       failed.append(e.name)
-      where = record["log"] if "error" in record else record["untrained"]["log"]
+      where = failed_part["log"]
       print(f"  failed: see {where}", flush=True)
     else:
       print(f"  mAP {record['mAP']} (untrained {record['untrained']['mAP']}), "

@@ -66,3 +66,30 @@ def test_partial_and_failed_zoo_records_render(tmp_path):
   table = tables.zoo_table(["kpm", "pat"], *tables.zoo_records(path))
   assert "| failed (exit status 1) |" in table and "| not run yet |" in table
   assert "2026-01-01 on some CPU (2 cores, load average 1.0 before, 2.0 after)" in table
+
+
+def test_suite_sentence_comes_from_the_suite_record(tmp_path, monkeypatch):
+  """bench/suite.py's JUnit counts and the README sentence rendered from its last record."""
+  spec = importlib.util.spec_from_file_location("suite", ROOT / "bench/suite.py")
+  suite = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(suite)
+  xml = tmp_path / "junit.xml"
+  xml.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="12" '
+                 'failures="2" errors="1" skipped="0" time="3.0"/></testsuites>')
+  counts = suite.junit_counts(str(xml))
+  assert counts == {"tests": 12, "failures": 2, "errors": 1, "skipped": 0}
+  tables = _tables()
+  monkeypatch.setattr(tables, "RESULTS", tmp_path)
+  assert tables.test_suite().startswith("Not timed yet")
+  base = {"kind": "suite", "date": "2026-01-02", "cpu": "some CPU", "cores": 2,
+          "commit": "abc1234", "dirty": False, "wall_s": 1501.0}
+  records = [dict(base, tests=9, failures=0, errors=0, skipped=0, exit_status=0),
+             dict(base, **counts, exit_status=1)]
+  (tmp_path / "test_suite.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  assert tables.test_suite() == (
+      "Its last full run (`python bench/suite.py`, 2026-01-02, commit abc1234): 12 tests, "
+      "9 passed, 3 failed, in 25 min 01 s on some CPU (2 cores).")
+  text = (ROOT / "README.md").read_text()
+  start, end = text.index("<!-- generated:test_suite -->"), text.index("<!-- end:test_suite -->")
+  edited = text[:start] + re.sub(r"\d+ tests", "1 tests", text[start:end], count=1) + text[end:]
+  assert edited != text and _tables().render(edited) == text   # a hand-typed count is caught
