@@ -3,7 +3,7 @@ synthetic_reid, each in a child process and a fresh workdir, and writes one JSON
 (and one per invocation describing the machine) to --out; `python bench/readme_tables.py` then
 renders docs/results.md and the README's result tables from that file.
 
-  python bench/zoo.py --out bench/results/zoo.jsonl     # everything (about 2 h on 2 CPU cores)
+  python bench/zoo.py --out bench/results/zoo.jsonl     # everything (about an hour on 2 CPU cores)
   python bench/zoo.py --only kpm,pat --append           # redo two entries, keep the others
   python bench/zoo.py --only embedding --smoke          # a tiny version: checks the pipeline
 
