@@ -265,20 +265,11 @@ def step_cost(config, batch: int, record) -> float:
 
 
 def machine() -> dict:
-  import platform
-  import subprocess
   import jax
   import PIL
-  model = platform.processor()
-  try:
-    model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                 if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
-  return dict(cpu=model, cores=os.cpu_count(), jax=jax.__version__, pillow=PIL.__version__,
-              backend=jax.default_backend(), commit=commit or None,
+  from harness import cpu_name, git_state
+  return dict(cpu=cpu_name(), cores=os.cpu_count(), jax=jax.__version__, pillow=PIL.__version__,
+              backend=jax.default_backend(), commit=git_state()["commit"] or None,
               date=time.strftime("%Y-%m-%d"))
 
 

@@ -2,12 +2,32 @@
 RSS is its own), times its call, and hands its output back through a .npy file."""
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_name() -> str:
+  """The CPU's model name (from /proc/cpuinfo; platform.processor() where there is none)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor()
+
+
+def git_state() -> dict:
+  """{"commit": the short HEAD hash ('' outside a checkout), "dirty": whether the tree has
+  uncommitted changes} of this repository."""
+  def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+  return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
 
 
 def peak_rss_mb() -> float:

@@ -8,8 +8,8 @@ tests/test_readme_tables.py fails when either differs from its render.
 
 Blocks: `input_pipeline` from bench/results/input_pipeline.jsonl (bench/bench_input_pipeline.py
 --out …); `test_suite` from bench/results/test_suite.jsonl (bench/suite.py); `quickstart` (the
-transmatcher entry), `postprocessing` (the qaconv_gs entry's post-evaluation), `zoo_qaconv`, `zoo_transmatcher`, `zoo_kpm`, `zoo_nformer`, `zoo_pat` and
-docs/results.md from bench/results/zoo.jsonl (bench/zoo.py --out …), each entry's last record.
+transmatcher entry), `postprocessing` (the qaconv_gs entry's post-evaluation), `zoo_qaconv`,
+`zoo_transmatcher`, `zoo_kpm`, `zoo_nformer`, `zoo_pat` and docs/results.md from bench/results/zoo.jsonl (bench/zoo.py --out …), each entry's last record.
 """
 import argparse
 import importlib.util

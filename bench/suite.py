@@ -14,20 +14,11 @@ import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # also when loaded by path
+from harness import cpu_name, git_state  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results" / "test_suite.jsonl"
-
-
-def _git(*args: str) -> str:
-  return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or "unknown CPU"
 
 
 def junit_counts(path: str) -> dict:
@@ -39,10 +30,8 @@ def junit_counts(path: str) -> dict:
 
 
 def main() -> int:
-  record = {"kind": "suite", "date": time.strftime("%Y-%m-%d"), "cpu": _cpu(),
-            "cores": os.cpu_count(), "python": platform.python_version(),
-            "commit": _git("rev-parse", "--short", "HEAD"),
-            "dirty": bool(_git("status", "--porcelain"))}
+  record = {"kind": "suite", "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(),
+            "cores": os.cpu_count(), "python": platform.python_version(), **git_state()}
   with tempfile.TemporaryDirectory() as tmp:
     xml = os.path.join(tmp, "junit.xml")
     t0 = time.perf_counter()

@@ -10,8 +10,9 @@ renders docs/results.md and the README's result tables from that file.
 Per entry it runs `python main.py --config CONFIG --workdir ROOT/NAME [--config.FIELD=VALUE …]`
 and then `python bench/zoo_untrained.py` with the same config in ROOT/NAME-untrained (the model
 the training starts from, evaluated the same way); an entry with post_eval fields also gets a
-`--mode=eval` of its trained run with them (QAConv-GS with re-ranking and TLift) in ROOT/NAME-post. Recorded: the first test set's R1, R5, R10,
-mAP, mINP (and post-processed rows, NFormer's stage-1 numbers) from the run's results.json; the
+`--mode=eval` of its trained run with them (QAConv-GS with re-ranking and TLift) in
+ROOT/NAME-post. Recorded: the first test set's R1, R5, R10, mAP, mINP (and post-processed rows,
+NFormer's stage-1 numbers) from the run's results.json; the
 untrained model's; wall_s, the training command's wall clock (start-up, training, evaluation);
 eval_s, the seconds results.json gives its evaluations (encoding, scoring and metrics, compiling
 included; stage 1's too for NFormer); train_s = wall_s − eval_s; peak_rss_mb of each child
@@ -29,6 +30,9 @@ import sys
 import tempfile
 import time
 from typing import NamedTuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # also when loaded by path
+from harness import cpu_name, git_state  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "bench", "results", "zoo.jsonl")
@@ -173,6 +177,12 @@ def _eval_seconds(results: dict) -> float:
   return sum(t.get("seconds", 0.0) for t in tests)
 
 
+def _failure(rc: int, log: str) -> dict:
+  """The record fields of a child that exited with status `rc`: the status and its log's tail."""
+  with open(log, errors="replace") as f:
+    return {"error": f"exit status {rc}", "log_tail": f.read()[-2000:]}
+
+
 def _read_results(workdir: str) -> dict:
   with open(os.path.join(workdir, "results.json")) as f:
     return json.load(f)
@@ -189,9 +199,7 @@ def post_evaluate(entry: Entry, workdir: str, common: list[str], root: str) -> d
           "peak_rss_mb": round(rss), "log": log,
           "command": display_command(entry.config, entry.post_eval) + " --mode=eval"}
   if rc != 0:
-    with open(log, errors="replace") as f:
-      post.update(error=f"exit status {rc}", log_tail=f.read()[-2000:])
-    return post
+    return {**post, **_failure(rc, log)}
   test, metrics = next(iter(_read_results(post_dir)["test"].items()))
   post.update(test_set=test, rows={
       row: {**_metrics(m), "seconds": round(m.get("seconds", 0.0), 2)}
@@ -212,9 +220,7 @@ def run_entry(entry: Entry, root: str, overrides: dict, cache: str) -> dict:
   rc, wall, rss = run_child([sys.executable, "main.py", f"--workdir={workdir}", *common], log)
   record.update(wall_s=round(wall, 1), peak_rss_mb=round(rss), device=_devices(log), log=log)
   if rc != 0:
-    with open(log, errors="replace") as f:
-      record.update(error=f"exit status {rc}", log_tail=f.read()[-2000:])
-    return record
+    return {**record, **_failure(rc, log)}
   results = _read_results(workdir)
   (test, metrics), *more = results["test"].items()
   eval_s = round(_eval_seconds(results), 1)   # the shown train + eval add up to the wall time
@@ -236,8 +242,7 @@ def run_entry(entry: Entry, root: str, overrides: dict, cache: str) -> dict:
                              f"--workdir={untrained_dir}", *common], log)
   untrained = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss), "log": log}
   if rc != 0:
-    with open(log, errors="replace") as f:
-      untrained.update(error=f"exit status {rc}", log_tail=f.read()[-2000:])
+    untrained.update(_failure(rc, log))
   else:
     u = _read_results(untrained_dir)["test"][test]
     untrained.update(**_metrics(u), eval_s=round(u.get("seconds", 0.0), 1))
@@ -245,31 +250,20 @@ def run_entry(entry: Entry, root: str, overrides: dict, cache: str) -> dict:
   return record
 
 
-def _git(*args: str) -> str:
-  return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-
 def machine(argv: list[str], root: str, cache: str, smoke: bool) -> dict:
   """The invocation's record: date, CPU, load, JAX and its devices (asked in a child, so this
   process never holds an accelerator its children need), commit and whether the tree was dirty."""
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
   probe = subprocess.run(
       [sys.executable, "-c", "import json, jax, jaxlib; d = jax.devices(); print(json.dumps({"
        "'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'backend': jax.default_backend(),"
        " 'device_kind': d[0].device_kind, 'device_count': len(d)}))"],
       cwd=REPO, capture_output=True, text=True, check=True)
   return {"kind": "machine", "run": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "date": time.strftime("%Y-%m-%d"), "cpu": cpu,
+          "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(),
           "cores": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()],
           "load_after": None, "python": platform.python_version(),
-          **json.loads(probe.stdout.strip().splitlines()[-1]), "commit": _git("rev-parse",
-                                                                           "--short", "HEAD"),
-          "dirty": bool(_git("status", "--porcelain")), "argv": argv, "root": root,
+          **json.loads(probe.stdout.strip().splitlines()[-1]), **git_state(), "argv": argv,
+          "root": root,
           "compilation_cache": cache or None, "smoke": smoke}
 
 
